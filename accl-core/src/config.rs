@@ -1,0 +1,227 @@
+//! Settings read from `ACCL_*` environment variables (the README lists them all).
+
+use std::time::Duration;
+
+use crate::algo::AlgoChoice;
+use crate::error::{Error, Result};
+
+/// Which transport provider a communicator uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// IPv6 (or IPv4) TCP sockets, one per lane.
+    Tcp,
+    /// In-process queues: ranks are threads of one process.
+    Mem,
+}
+
+impl TransportKind {
+    /// Parses `tcp`, `mem` or `auto` (auto picks tcp until the verbs provider lands).
+    pub fn parse(text: &str) -> Option<TransportKind> {
+        match text.to_ascii_lowercase().as_str() {
+            "tcp" | "auto" | "" => Some(TransportKind::Tcp),
+            "mem" => Some(TransportKind::Mem),
+            _ => None,
+        }
+    }
+}
+
+/// Communicator settings. `Config::default()` is the built-in default; [`Config::from_env`]
+/// applies `ACCL_*` overrides on top of it.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Bound on every wait, rendezvous included (`ACCL_TIMEOUT`, seconds).
+    pub timeout: Duration,
+    /// Lanes per peer connection (`ACCL_LANES`).
+    pub lanes: usize,
+    /// Transport provider (`ACCL_TRANSPORT`).
+    pub transport: TransportKind,
+    /// Algorithm overrides (`ACCL_ALGO`).
+    pub algo: AlgoChoice,
+    /// Bytes per lane chunk: messages are cut into chunks of this size spread over the lanes
+    /// (`ACCL_CHUNK_SIZE`).
+    pub chunk_size: usize,
+    /// Bytes per pipeline segment: schedules cut blocks into segments so that reduction of one
+    /// overlaps transfer of the next (`ACCL_SEGMENT_SIZE`).
+    pub segment_size: usize,
+    /// How long a wait polls before it sleeps (`ACCL_SPIN_US`).
+    pub spin: Duration,
+    /// First IPv6 flow label of the lanes; lane `i` uses `base + i`. 0 disables labels
+    /// (`ACCL_FLOW_LABEL`).
+    pub flow_label: u32,
+    /// Address the data listener binds; default: the local address that routes to the root
+    /// (`ACCL_LISTEN_ADDR`).
+    pub listen_addr: Option<std::net::IpAddr>,
+    /// Threads a rank may use to reduce large segments (`ACCL_REDUCE_THREADS`).
+    pub reduce_threads: usize,
+    /// Peers an all2all exchanges with at once (`ACCL_A2A_WINDOW`).
+    pub a2a_window: usize,
+    /// Socket send/receive buffer size in bytes; 0 keeps the kernel's autotuning
+    /// (`ACCL_SOCKET_BUF`).
+    pub socket_buf: usize,
+    /// Print init and algorithm choices to stderr (`ACCL_DEBUG=1`).
+    pub debug: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            timeout: Duration::from_secs(60),
+            lanes: 1,
+            transport: TransportKind::Tcp,
+            algo: AlgoChoice::default(),
+            chunk_size: 1 << 20,
+            segment_size: 256 << 10,
+            spin: Duration::from_micros(50),
+            flow_label: 0,
+            listen_addr: None,
+            reduce_threads: 1,
+            a2a_window: 4,
+            socket_buf: 0,
+            debug: false,
+        }
+    }
+}
+
+/// Reads an environment variable, treating unset and empty alike.
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Parses a byte size with an optional K/M/G suffix (powers of 1024): `512K`, `4M`, `1G`, `100`.
+///
+/// ```
+/// assert_eq!(accl_core::config::parse_size("4M"), Some(4 << 20));
+/// assert_eq!(accl_core::config::parse_size("1g"), Some(1 << 30));
+/// assert_eq!(accl_core::config::parse_size("12"), Some(12));
+/// assert_eq!(accl_core::config::parse_size("x"), None);
+/// ```
+pub fn parse_size(text: &str) -> Option<usize> {
+    let t = text.trim();
+    let (digits, shift) = match t.chars().last()?.to_ascii_uppercase() {
+        'K' => (&t[..t.len() - 1], 10),
+        'M' => (&t[..t.len() - 1], 20),
+        'G' => (&t[..t.len() - 1], 30),
+        'B' => return parse_size(&t[..t.len() - 1]),
+        _ => (t, 0),
+    };
+    let n: usize = digits.trim().parse().ok()?;
+    n.checked_mul(1usize << shift)
+}
+
+fn invalid(name: &str, value: &str, reason: &str) -> Error {
+    Error::InvalidConfig {
+        name: name.to_string(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn env_parsed<T>(name: &str, parse: impl Fn(&str) -> Option<T>, reason: &str) -> Result<Option<T>> {
+    match env_var(name) {
+        None => Ok(None),
+        Some(v) => parse(&v).map(Some).ok_or_else(|| invalid(name, &v, reason)),
+    }
+}
+
+impl Config {
+    /// The defaults with every `ACCL_*` variable that is set applied.
+    pub fn from_env() -> Result<Config> {
+        let mut c = Config::default();
+        if let Some(secs) = env_parsed(
+            "ACCL_TIMEOUT",
+            |v| v.parse::<f64>().ok().filter(|s| *s > 0.0 && s.is_finite()),
+            "expected a positive number of seconds",
+        )? {
+            c.timeout = Duration::from_secs_f64(secs);
+        }
+        if let Some(n) = env_parsed(
+            "ACCL_LANES",
+            |v| v.parse::<usize>().ok().filter(|n| (1..=64).contains(n)),
+            "expected a lane count in 1..=64",
+        )? {
+            c.lanes = n;
+        }
+        if let Some(t) = env_parsed(
+            "ACCL_TRANSPORT",
+            TransportKind::parse,
+            "expected auto, tcp or mem",
+        )? {
+            c.transport = t;
+        }
+        if let Some(v) = env_var("ACCL_ALGO") {
+            c.algo = AlgoChoice::parse(&v).map_err(|reason| invalid("ACCL_ALGO", &v, &reason))?;
+        }
+        let size = |v: &str| parse_size(v).filter(|n| *n >= 4096);
+        if let Some(n) = env_parsed("ACCL_CHUNK_SIZE", size, "expected a size >= 4K, e.g. 1M")? {
+            c.chunk_size = n;
+        }
+        if let Some(n) = env_parsed(
+            "ACCL_SEGMENT_SIZE",
+            size,
+            "expected a size >= 4K, e.g. 256K",
+        )? {
+            c.segment_size = n;
+        }
+        if let Some(us) = env_parsed(
+            "ACCL_SPIN_US",
+            |v| v.parse::<u64>().ok(),
+            "expected microseconds",
+        )? {
+            c.spin = Duration::from_micros(us);
+        }
+        if let Some(label) = env_parsed(
+            "ACCL_FLOW_LABEL",
+            |v| parse_u32_auto(v).filter(|l| *l < (1 << 20)),
+            "expected a 20-bit flow label (decimal or 0x hex)",
+        )? {
+            c.flow_label = label;
+        }
+        if let Some(ip) = env_parsed(
+            "ACCL_LISTEN_ADDR",
+            |v| v.trim_matches(['[', ']']).parse().ok(),
+            "expected an IP address",
+        )? {
+            c.listen_addr = Some(ip);
+        }
+        let threads = env_parsed(
+            "ACCL_REDUCE_THREADS",
+            |v| v.parse::<usize>().ok().filter(|n| *n >= 1),
+            "expected a thread count >= 1",
+        )?;
+        c.reduce_threads = threads.unwrap_or_else(default_reduce_threads);
+        if let Some(n) = env_parsed(
+            "ACCL_A2A_WINDOW",
+            |v| v.parse::<usize>().ok().filter(|n| *n >= 1),
+            "expected a peer count >= 1",
+        )? {
+            c.a2a_window = n;
+        }
+        if let Some(n) = env_parsed(
+            "ACCL_SOCKET_BUF",
+            parse_size,
+            "expected a size, e.g. 4M, or 0",
+        )? {
+            c.socket_buf = n;
+        }
+        c.debug = env_var("ACCL_DEBUG").is_some_and(|v| v != "0");
+        Ok(c)
+    }
+}
+
+fn parse_u32_auto(v: &str) -> Option<u32> {
+    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+/// Cores divided by the ranks sharing this host (`ACCL_LOCAL_NRANKS`, set by `accl-run`), so
+/// that reduction threads never oversubscribe the machine.
+fn default_reduce_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let local = env_var("ACCL_LOCAL_NRANKS")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(cores);
+    (cores / local).max(1)
+}

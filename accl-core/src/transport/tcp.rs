@@ -1,0 +1,766 @@
+//! The TCP provider: one socket per lane, IPv6 first, optional IPv6 flow label per lane.
+//!
+//! Lanes are one-way: the sending rank connects, so the flow label it asks for is the one its
+//! data packets carry. The reverse direction of each socket carries nothing but a failure notice.
+//! Payloads move straight between the caller's buffers and the socket (`sendmsg`/`readv` with a
+//! header and the payload in one call), never through an intermediate copy.
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{SocketAddr, SocketAddrV6};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::{
+    Connecting, Header, LaneError, LaneSetup, Listener, MemoryRegion, Provider, RecvLane, SendLane,
+    WaitSource, HEADER_LEN,
+};
+use crate::addr::{format_socket_addr, parse_socket_addr};
+use crate::error::{Error, Result};
+
+const HELLO_MAGIC: u32 = 0x4143_4c31; // "ACL1"
+const HELLO_LEN: usize = 32;
+/// iovecs per system call: enough to batch many small messages.
+const MAX_IOV: usize = 64;
+
+/// TCP provider settings.
+#[derive(Clone, Debug)]
+pub struct TcpProvider {
+    /// Address the listener binds (port ignored); its scope also applies to link-local peers.
+    pub listen: SocketAddr,
+    /// SO_SNDBUF/SO_RCVBUF in bytes; 0 keeps the kernel's autotuning.
+    pub socket_buf: usize,
+}
+
+impl TcpProvider {
+    /// A provider whose listener binds `listen` (with port 0).
+    pub fn new(listen: SocketAddr, socket_buf: usize) -> TcpProvider {
+        let mut listen = listen;
+        listen.set_port(0);
+        TcpProvider { listen, socket_buf }
+    }
+
+    fn tune(&self, sock: &Socket) -> io::Result<()> {
+        sock.set_nodelay(true)?;
+        if self.socket_buf > 0 {
+            sock.set_send_buffer_size(self.socket_buf)?;
+            sock.set_recv_buffer_size(self.socket_buf)?;
+        }
+        Ok(())
+    }
+}
+
+impl Provider for TcpProvider {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn listen(&self) -> Result<Box<dyn Listener>> {
+        let addr = self.listen;
+        let ctx = |e| Error::io(format!("listen on {}", format_socket_addr(&addr)), e);
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(ctx)?;
+        sock.set_reuse_address(true).map_err(ctx)?;
+        sock.bind(&addr.into()).map_err(ctx)?;
+        sock.listen(4096).map_err(ctx)?;
+        sock.set_nonblocking(true).map_err(ctx)?;
+        let local = sock
+            .local_addr()
+            .map_err(ctx)?
+            .as_socket()
+            .expect("inet socket");
+        Ok(Box::new(TcpListener {
+            sock,
+            handle: format_socket_addr(&local).into_bytes(),
+            provider: self.clone(),
+            pending: Vec::new(),
+        }))
+    }
+
+    fn connect(&self, handle: &[u8], setup: &LaneSetup) -> Result<Box<dyn Connecting>> {
+        let text = String::from_utf8_lossy(handle);
+        let mut addr = parse_socket_addr(&text, "peer handle")?;
+        // A link-local peer is reached through our own interface towards it (scope ids are
+        // per host).
+        if let (SocketAddr::V6(peer), SocketAddr::V6(own)) = (&mut addr, &self.listen) {
+            if peer.ip().is_unicast_link_local() && own.scope_id() != 0 {
+                peer.set_scope_id(own.scope_id());
+            }
+        }
+        let ctx = |e| {
+            Error::io(
+                format!(
+                    "rank {}: connect lane {} to rank {} at {text}",
+                    setup.rank, setup.lane, setup.peer
+                ),
+                e,
+            )
+        };
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(ctx)?;
+        self.tune(&sock).map_err(ctx)?;
+        if setup.flow_label != 0 {
+            if let SocketAddr::V6(v6) = &mut addr {
+                flowlabel::lease(&sock, v6.ip(), setup.flow_label).map_err(|e| {
+                    Error::io(
+                        format!(
+                            "rank {}: flow label {:#x} for lane {} to rank {}",
+                            setup.rank, setup.flow_label, setup.lane, setup.peer
+                        ),
+                        e,
+                    )
+                })?;
+                *v6 =
+                    SocketAddrV6::new(*v6.ip(), v6.port(), setup.flow_label.to_be(), v6.scope_id());
+                // sin6_flowinfo is read in network order by the kernel; SocketAddrV6 stores it as
+                // given, so pass it pre-swapped.
+            }
+        }
+        sock.set_nonblocking(true).map_err(ctx)?;
+        match sock.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINPROGRESS)
+                    || e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ctx(e)),
+        }
+        let mut hello = [0u8; HELLO_LEN];
+        hello[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        hello[4..12].copy_from_slice(&setup.comm_id.to_le_bytes());
+        hello[12..16].copy_from_slice(&(setup.rank as u32).to_le_bytes());
+        hello[16..20].copy_from_slice(&(setup.peer as u32).to_le_bytes());
+        hello[20..24].copy_from_slice(&(setup.lane as u32).to_le_bytes());
+        hello[24..28].copy_from_slice(&setup.flow_label.to_le_bytes());
+        Ok(Box::new(TcpConnecting {
+            sock: Some(sock),
+            hello,
+            sent: 0,
+            setup: *setup,
+            target: text.into_owned(),
+        }))
+    }
+
+    fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
+        Ok(MemoryRegion { addr, len, key: 0 })
+    }
+}
+
+struct TcpListener {
+    sock: Socket,
+    handle: Vec<u8>,
+    provider: TcpProvider,
+    /// Accepted sockets whose hello has not fully arrived.
+    pending: Vec<(Socket, [u8; HELLO_LEN], usize)>,
+}
+
+impl Listener for TcpListener {
+    fn handle(&self) -> Vec<u8> {
+        self.handle.clone()
+    }
+
+    fn accept(&mut self) -> Result<Option<(LaneSetup, Box<dyn RecvLane>)>> {
+        loop {
+            match self.sock.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(true)
+                        .map_err(|e| Error::io("accepted socket", e))?;
+                    self.provider
+                        .tune(&s)
+                        .map_err(|e| Error::io("accepted socket", e))?;
+                    self.pending.push((s, [0; HELLO_LEN], 0));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("accept", e)),
+            }
+        }
+        let mut i = 0;
+        while i < self.pending.len() {
+            let (sock, hello, got) = &mut self.pending[i];
+            match read_some(sock, &mut hello[*got..]) {
+                Ok(0) if *got < HELLO_LEN => {
+                    self.pending.swap_remove(i); // closed before saying hello: not a lane
+                    continue;
+                }
+                Ok(n) => *got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    self.pending.swap_remove(i);
+                    continue;
+                }
+            }
+            if *got == HELLO_LEN {
+                let (sock, hello, _) = self.pending.swap_remove(i);
+                let word =
+                    |at: usize| u32::from_le_bytes(hello[at..at + 4].try_into().expect("4 bytes"));
+                if word(0) != HELLO_MAGIC {
+                    continue;
+                }
+                let setup = LaneSetup {
+                    comm_id: u64::from_le_bytes(hello[4..12].try_into().expect("8 bytes")),
+                    rank: word(12) as usize,
+                    peer: word(16) as usize,
+                    lane: word(20) as usize,
+                    flow_label: word(24),
+                };
+                return Ok(Some((setup, Box::new(TcpRecvLane::new(sock)))));
+            }
+            i += 1;
+        }
+        Ok(None)
+    }
+
+    fn wait_sources(&self) -> Vec<WaitSource> {
+        let mut v = vec![WaitSource::Fd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+        }];
+        v.extend(self.pending.iter().map(|(s, _, _)| WaitSource::Fd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+        }));
+        v
+    }
+}
+
+struct TcpConnecting {
+    sock: Option<Socket>,
+    hello: [u8; HELLO_LEN],
+    sent: usize,
+    setup: LaneSetup,
+    target: String,
+}
+
+impl Connecting for TcpConnecting {
+    fn poll(&mut self) -> Result<Option<Box<dyn SendLane>>> {
+        let sock = self.sock.as_ref().expect("polled after completion");
+        let ctx = |e| {
+            Error::io(
+                format!(
+                    "rank {}: connect lane {} to rank {} at {}",
+                    self.setup.rank, self.setup.lane, self.setup.peer, self.target
+                ),
+                e,
+            )
+        };
+        if let Some(e) = sock.take_error().map_err(ctx)? {
+            return Err(ctx(e));
+        }
+        if sock.peer_addr().is_err() {
+            return Ok(None); // handshake still in flight
+        }
+        while self.sent < HELLO_LEN {
+            match send_some(sock, &self.hello[self.sent..]) {
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(ctx(e)),
+            }
+        }
+        let sock = self.sock.take().expect("checked above");
+        Ok(Some(Box::new(TcpSendLane {
+            sock,
+            queue: VecDeque::new(),
+            peer_gone: None,
+            notice: Vec::new(),
+            flow_label: self.setup.flow_label,
+        })))
+    }
+
+    fn wait_source(&self) -> Option<WaitSource> {
+        self.sock.as_ref().map(|s| WaitSource::Fd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLOUT,
+        })
+    }
+}
+
+struct PendingSend {
+    header: Header,
+    data: *const u8,
+    len: usize,
+    /// Bytes of header + payload already written.
+    done: usize,
+}
+
+// SAFETY: the raw pointer is only dereferenced by the kernel during sendmsg; the caller of
+// `post` guarantees it stays valid, and lanes move between threads only with their owner.
+unsafe impl Send for PendingSend {}
+
+struct TcpSendLane {
+    sock: Socket,
+    queue: VecDeque<PendingSend>,
+    /// Why the receiver is known to be gone.
+    peer_gone: Option<String>,
+    /// Bytes of a failure notice read so far.
+    notice: Vec<u8>,
+    flow_label: u32,
+}
+
+impl SendLane for TcpSendLane {
+    unsafe fn post(
+        &mut self,
+        header: &Header,
+        data: *const u8,
+        len: usize,
+        _mr: Option<&MemoryRegion>,
+    ) -> Result<(), LaneError> {
+        if let Some(why) = &self.peer_gone {
+            return Err(LaneError::Closed(why.clone()));
+        }
+        self.queue.push_back(PendingSend {
+            header: *header,
+            data,
+            len,
+            done: 0,
+        });
+        Ok(())
+    }
+
+    fn progress(&mut self) -> Result<usize, LaneError> {
+        let mut completed = 0;
+        while !self.queue.is_empty() {
+            let mut iov: [MaybeUninit<libc::iovec>; MAX_IOV] = [MaybeUninit::uninit(); MAX_IOV];
+            let mut n_iov = 0;
+            let mut want = 0usize;
+            for item in self.queue.iter() {
+                if n_iov + 2 > MAX_IOV {
+                    break;
+                }
+                if item.done < HEADER_LEN {
+                    let part = &item.header[item.done..];
+                    iov[n_iov].write(libc::iovec {
+                        iov_base: part.as_ptr() as *mut _,
+                        iov_len: part.len(),
+                    });
+                    n_iov += 1;
+                    want += part.len();
+                }
+                let data_done = item.done.saturating_sub(HEADER_LEN);
+                if item.len > data_done {
+                    iov[n_iov].write(libc::iovec {
+                        // SAFETY: within the posted buffer.
+                        iov_base: unsafe { item.data.add(data_done) } as *mut _,
+                        iov_len: item.len - data_done,
+                    });
+                    n_iov += 1;
+                    want += item.len - data_done;
+                }
+            }
+            // SAFETY: iov[..n_iov] is initialized and points at live buffers.
+            let msg = libc::msghdr {
+                msg_name: std::ptr::null_mut(),
+                msg_namelen: 0,
+                msg_iov: iov.as_mut_ptr() as *mut libc::iovec,
+                msg_iovlen: n_iov,
+                msg_control: std::ptr::null_mut(),
+                msg_controllen: 0,
+                msg_flags: 0,
+            };
+            // SAFETY: valid msghdr; MSG_NOSIGNAL turns SIGPIPE into EPIPE.
+            let rc = unsafe {
+                libc::sendmsg(
+                    self.sock.as_raw_fd(),
+                    &msg,
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        let why = format!("send failed: {e}");
+                        self.peer_gone = Some(why.clone());
+                        return Err(LaneError::Closed(why));
+                    }
+                }
+            }
+            let mut wrote = rc as usize;
+            while wrote > 0 {
+                let item = self
+                    .queue
+                    .front_mut()
+                    .expect("wrote bytes for a queued item");
+                let left = HEADER_LEN + item.len - item.done;
+                if wrote >= left {
+                    wrote -= left;
+                    self.queue.pop_front();
+                    completed += 1;
+                } else {
+                    item.done += wrote;
+                    wrote = 0;
+                }
+            }
+            // Complete zero-length tails that sendmsg reported as part of `want`.
+            if (rc as usize) < want {
+                break;
+            }
+        }
+        Ok(completed)
+    }
+
+    fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn check_peer(&mut self) -> Result<(), LaneError> {
+        if self.peer_gone.is_some() {
+            return Ok(());
+        }
+        let mut buf = [0u8; 512];
+        loop {
+            match read_some(&self.sock, &mut buf) {
+                Ok(0) => {
+                    let why = "the receiving rank closed the connection".to_string();
+                    self.peer_gone = Some(why.clone());
+                    if !self.queue.is_empty() {
+                        return Err(LaneError::Closed(why));
+                    }
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.notice.extend_from_slice(&buf[..n]);
+                    if self.notice.len() >= 4 {
+                        let len = u32::from_le_bytes(self.notice[..4].try_into().expect("4 bytes"))
+                            as usize;
+                        if self.notice.len() >= 4 + len {
+                            let body = self.notice[4..4 + len].to_vec();
+                            self.peer_gone = Some("the receiving rank failed".into());
+                            return Err(LaneError::Notice(body));
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let why = format!("connection lost: {e}");
+                    self.peer_gone = Some(why.clone());
+                    return Err(LaneError::Closed(why));
+                }
+            }
+        }
+    }
+
+    fn wait_source(&self) -> Option<WaitSource> {
+        let mut events = 0;
+        if self.peer_gone.is_none() {
+            events |= libc::POLLIN;
+        }
+        if !self.queue.is_empty() {
+            events |= libc::POLLOUT;
+        }
+        (events != 0).then(|| WaitSource::Fd {
+            fd: self.sock.as_raw_fd(),
+            events,
+        })
+    }
+
+    fn flow_label(&self) -> u32 {
+        self.flow_label
+    }
+}
+
+struct PendingRecv {
+    expect: Header,
+    header: Header,
+    data: *mut u8,
+    len: usize,
+    /// Bytes of header + payload already read.
+    done: usize,
+}
+
+// SAFETY: see PendingSend.
+unsafe impl Send for PendingRecv {}
+
+struct TcpRecvLane {
+    sock: Socket,
+    queue: VecDeque<PendingRecv>,
+    /// The sender hung up but unread data remains: stop asking poll about the hang-up.
+    hangup_with_data: bool,
+}
+
+impl TcpRecvLane {
+    fn new(sock: Socket) -> TcpRecvLane {
+        TcpRecvLane {
+            sock,
+            queue: VecDeque::new(),
+            hangup_with_data: false,
+        }
+    }
+}
+
+impl RecvLane for TcpRecvLane {
+    unsafe fn post(
+        &mut self,
+        expect: &Header,
+        data: *mut u8,
+        len: usize,
+        _mr: Option<&MemoryRegion>,
+    ) -> Result<(), LaneError> {
+        self.queue.push_back(PendingRecv {
+            expect: *expect,
+            header: [0; HEADER_LEN],
+            data,
+            len,
+            done: 0,
+        });
+        Ok(())
+    }
+
+    fn progress(&mut self) -> Result<usize, LaneError> {
+        let mut completed = 0;
+        loop {
+            // One call reads the headers and payloads of as many posted receives as fit; each
+            // header is checked as soon as it is complete. Payload bytes of a message whose
+            // header turns out wrong land in its posted buffer, and the lane fails.
+            if self.queue.is_empty() {
+                break;
+            }
+            let mut iov: [MaybeUninit<libc::iovec>; MAX_IOV] = [MaybeUninit::uninit(); MAX_IOV];
+            let mut n_iov = 0;
+            let mut want = 0usize;
+            for item in self.queue.iter() {
+                if n_iov + 2 > MAX_IOV {
+                    break;
+                }
+                if item.done < HEADER_LEN {
+                    let part = &item.header[item.done..];
+                    iov[n_iov].write(libc::iovec {
+                        iov_base: part.as_ptr() as *mut _,
+                        iov_len: part.len(),
+                    });
+                    n_iov += 1;
+                    want += part.len();
+                }
+                let data_done = item.done.saturating_sub(HEADER_LEN);
+                if item.len > data_done {
+                    iov[n_iov].write(libc::iovec {
+                        // SAFETY: within the posted buffer.
+                        iov_base: unsafe { item.data.add(data_done) } as *mut _,
+                        iov_len: item.len - data_done,
+                    });
+                    n_iov += 1;
+                    want += item.len - data_done;
+                }
+            }
+            if want == 0 {
+                // Zero-length payload with its header already checked.
+                self.queue.pop_front();
+                completed += 1;
+                continue;
+            }
+            // SAFETY: iov[..n_iov] is initialized and points at live buffers.
+            let rc = unsafe {
+                libc::readv(
+                    self.sock.as_raw_fd(),
+                    iov.as_ptr() as *const libc::iovec,
+                    n_iov as i32,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(LaneError::Closed(format!("receive failed: {e}"))),
+                }
+            }
+            if rc == 0 {
+                return Err(LaneError::Closed(
+                    "the sending rank closed the connection".into(),
+                ));
+            }
+            self.hangup_with_data = false;
+            let mut read = rc as usize;
+            let mut idx = 0;
+            while read > 0 {
+                let item = &mut self.queue[idx];
+                let before = item.done;
+                let step = read.min(HEADER_LEN + item.len - item.done);
+                item.done += step;
+                read -= step;
+                if before < HEADER_LEN && item.done >= HEADER_LEN && item.header != item.expect {
+                    return Err(LaneError::Mismatch {
+                        expected: item.expect,
+                        got: item.header,
+                    });
+                }
+                idx += 1;
+            }
+            while let Some(item) = self.queue.front() {
+                if item.done == HEADER_LEN + item.len {
+                    self.queue.pop_front();
+                    completed += 1;
+                } else {
+                    break;
+                }
+            }
+            if (rc as usize) < want {
+                break;
+            }
+        }
+        Ok(completed)
+    }
+
+    fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn check_peer(&mut self) -> Result<(), LaneError> {
+        if !self.queue.is_empty() {
+            return Ok(()); // progress() reads and reports EOF itself
+        }
+        let mut b = [0u8; 1];
+        // SAFETY: valid buffer of 1 byte.
+        let rc = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                b.as_mut_ptr() as *mut _,
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if rc == 0 {
+            return Err(LaneError::Closed(
+                "the sending rank closed the connection".into(),
+            ));
+        }
+        if rc > 0 {
+            self.hangup_with_data = true;
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
+            _ => Err(LaneError::Closed(format!("connection lost: {e}"))),
+        }
+    }
+
+    fn send_notice(&mut self, notice: &[u8]) {
+        let mut framed = (notice.len() as u32).to_le_bytes().to_vec();
+        framed.extend_from_slice(notice);
+        let _ = send_some(&self.sock, &framed);
+    }
+
+    fn wait_source(&self) -> Option<WaitSource> {
+        let mut events = 0;
+        if !self.queue.is_empty() {
+            events |= libc::POLLIN;
+        }
+        if !self.hangup_with_data {
+            events |= libc::POLLRDHUP;
+        }
+        (events != 0).then(|| WaitSource::Fd {
+            fd: self.sock.as_raw_fd(),
+            events,
+        })
+    }
+}
+
+fn read_some(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: valid buffer.
+    let rc = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr() as *mut _,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+fn send_some(sock: &Socket, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: valid buffer.
+    let rc = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            buf.as_ptr() as *const _,
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+/// Per-socket IPv6 flow labels through the kernel's flow label manager.
+mod flowlabel {
+    use std::io;
+    use std::net::Ipv6Addr;
+    use std::os::fd::AsRawFd;
+
+    use socket2::Socket;
+
+    const IPV6_FLOWLABEL_MGR: libc::c_int = 32;
+    const IPV6_FLOWINFO_SEND: libc::c_int = 33;
+    const IPV6_FL_A_GET: u8 = 0;
+    const IPV6_FL_S_ANY: u8 = 255;
+    const IPV6_FL_F_CREATE: u16 = 1;
+
+    /// `struct in6_flowlabel_req` from `<linux/in6.h>`.
+    #[repr(C)]
+    struct FlowLabelReq {
+        dst: [u8; 16],
+        label: u32, // network byte order
+        action: u8,
+        share: u8,
+        flags: u16,
+        expires: u16,
+        linger: u16,
+        pad: u32,
+    }
+
+    /// Leases `label` for packets to `dst` and makes the socket send it.
+    pub fn lease(sock: &Socket, dst: &Ipv6Addr, label: u32) -> io::Result<()> {
+        let req = FlowLabelReq {
+            dst: dst.octets(),
+            label: (label & 0xF_FFFF).to_be(),
+            action: IPV6_FL_A_GET,
+            share: IPV6_FL_S_ANY,
+            flags: IPV6_FL_F_CREATE,
+            expires: 0,
+            linger: 0,
+            pad: 0,
+        };
+        let fd = sock.as_raw_fd();
+        // SAFETY: fd is a valid IPv6 socket and req matches the kernel's struct layout.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                IPV6_FLOWLABEL_MGR,
+                &req as *const _ as *const libc::c_void,
+                std::mem::size_of::<FlowLabelReq>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let on: libc::c_int = 1;
+        // SAFETY: as above, with an int option.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                IPV6_FLOWINFO_SEND,
+                &on as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
