@@ -24,17 +24,10 @@ pub fn parse_socket_addr(text: &str, what: &str) -> Result<SocketAddr> {
     };
     let text = text.trim();
     if let Some(rest) = text.strip_prefix('[') {
-        let (host, port) = rest
-            .split_once("]:")
-            .ok_or_else(|| bad("expected [ipv6-address]:port"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| bad("port is not a number in 0..65535"))?;
+        let (host, port) = rest.split_once("]:").ok_or_else(|| bad("expected [ipv6-address]:port"))?;
+        let port: u16 = port.parse().map_err(|_| bad("port is not a number in 0..65535"))?;
         let (ip, scope) = match host.split_once('%') {
-            Some((ip, scope)) => (
-                ip,
-                scope_id(scope).ok_or_else(|| bad("unknown interface in %scope"))?,
-            ),
+            Some((ip, scope)) => (ip, scope_id(scope).ok_or_else(|| bad("unknown interface in %scope"))?),
             None => (host, 0),
         };
         let ip: Ipv6Addr = ip.parse().map_err(|_| bad("not an IPv6 address"))?;
@@ -46,15 +39,10 @@ pub fn parse_socket_addr(text: &str, what: &str) -> Result<SocketAddr> {
     if !text.contains(':') {
         return Err(bad("expected address:port"));
     }
-    let mut addrs: Vec<SocketAddr> = text
-        .to_socket_addrs()
-        .map_err(|e| bad(&format!("cannot resolve: {e}")))?
-        .collect();
+    let mut addrs: Vec<SocketAddr> =
+        text.to_socket_addrs().map_err(|e| bad(&format!("cannot resolve: {e}")))?.collect();
     addrs.sort_by_key(|a| !a.is_ipv6());
-    addrs
-        .into_iter()
-        .next()
-        .ok_or_else(|| bad("name resolves to no address"))
+    addrs.into_iter().next().ok_or_else(|| bad("name resolves to no address"))
 }
 
 /// Interface index of a `%scope` suffix: a number or an interface name.
@@ -82,22 +70,12 @@ pub fn format_socket_addr(addr: &SocketAddr) -> String {
 /// listener binds, so that peers reach it over the same network as the root.
 pub fn local_addr_towards(remote: &SocketAddr) -> Result<IpAddr> {
     let bind: SocketAddr = match remote {
-        SocketAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(
-            Ipv6Addr::UNSPECIFIED,
-            0,
-            0,
-            v6.scope_id(),
-        )),
+        SocketAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, v6.scope_id())),
         SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
     };
     let probe = UdpSocket::bind(bind).map_err(|e| Error::io("bind route probe socket", e))?;
-    probe
-        .connect(remote)
-        .map_err(|e| Error::io(format!("no route to {remote}"), e))?;
-    Ok(probe
-        .local_addr()
-        .map_err(|e| Error::io("route probe address", e))?
-        .ip())
+    probe.connect(remote).map_err(|e| Error::io(format!("no route to {remote}"), e))?;
+    Ok(probe.local_addr().map_err(|e| Error::io("route probe address", e))?.ip())
 }
 
 #[cfg(test)]
@@ -112,10 +90,7 @@ mod tests {
             _ => panic!("not v6"),
         }
         let lo = parse_socket_addr("[fe80::1%lo]:9", "x").unwrap();
-        assert_eq!(
-            format_socket_addr(&lo),
-            format!("[fe80::1%{}]:9", scope_id("lo").unwrap())
-        );
+        assert_eq!(format_socket_addr(&lo), format!("[fe80::1%{}]:9", scope_id("lo").unwrap()));
         assert!(parse_socket_addr("[fe80::1%nosuchif0]:9", "x").is_err());
         assert!(parse_socket_addr("[::1]:99999", "x").is_err());
         assert!(parse_socket_addr("garbage", "x").is_err());

@@ -44,14 +44,11 @@ impl UniqueId {
     /// service serves one communicator and ends when its ranks disconnect.
     pub fn new() -> Result<UniqueId> {
         let ip = match crate::config::env_var("ACCL_LISTEN_ADDR") {
-            Some(v) => v
-                .trim_matches(['[', ']'])
-                .parse()
-                .map_err(|_| Error::InvalidConfig {
-                    name: "ACCL_LISTEN_ADDR".into(),
-                    value: v.clone(),
-                    reason: "expected an IP address".into(),
-                })?,
+            Some(v) => v.trim_matches(['[', ']']).parse().map_err(|_| Error::InvalidConfig {
+                name: "ACCL_LISTEN_ADDR".into(),
+                value: v.clone(),
+                reason: "expected an IP address".into(),
+            })?,
             None => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
         };
         UniqueId::serve(SocketAddr::new(ip, 0))
@@ -59,15 +56,9 @@ impl UniqueId {
 
     /// Starts a root service bound to `addr` (port 0 picks a free port).
     pub fn serve(addr: SocketAddr) -> Result<UniqueId> {
-        let listener = TcpListener::bind(addr).map_err(|e| {
-            Error::io(
-                format!("bind rendezvous root on {}", format_socket_addr(&addr)),
-                e,
-            )
-        })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|e| Error::io("rendezvous root address", e))?;
+        let listener = TcpListener::bind(addr)
+            .map_err(|e| Error::io(format!("bind rendezvous root on {}", format_socket_addr(&addr)), e))?;
+        let bound = listener.local_addr().map_err(|e| Error::io("rendezvous root address", e))?;
         thread::Builder::new()
             .name("accl-root".into())
             .spawn(move || RootService::new(listener).run())
@@ -116,20 +107,12 @@ impl Bootstrap {
             return Err(Error::InvalidArgument("nranks must be at least 1".into()));
         }
         if rank >= nranks {
-            return Err(Error::InvalidRank {
-                what: "own",
-                rank,
-                nranks,
-            });
+            return Err(Error::InvalidRank { what: "own", rank, nranks });
         }
         let deadline = Instant::now() + timeout;
         let root = id.to_string();
-        let unreachable = |missing: Vec<usize>| Error::RendezvousTimeout {
-            missing,
-            nranks,
-            root: root.clone(),
-            timeout,
-        };
+        let unreachable =
+            |missing: Vec<usize>| Error::RendezvousTimeout { missing, nranks, root: root.clone(), timeout };
         let mut stream = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -150,14 +133,13 @@ impl Bootstrap {
         let io_err = |e: io::Error| Error::io(format!("rendezvous with root {root}"), e);
         write_frame(&mut stream, &hello).map_err(io_err)?;
         // The root answers once every rank arrived or its own timeout passed; allow it a margin.
-        let reply =
-            read_frame_until(&mut stream, deadline + Duration::from_secs(2)).map_err(|e| {
-                if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock {
-                    unreachable(vec![])
-                } else {
-                    io_err(e)
-                }
-            })?;
+        let reply = read_frame_until(&mut stream, deadline + Duration::from_secs(2)).map_err(|e| {
+            if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock {
+                unreachable(vec![])
+            } else {
+                io_err(e)
+            }
+        })?;
         match reply.first() {
             Some(&STATUS_OK) if reply.len() == 9 => Ok(Bootstrap {
                 stream,
@@ -177,9 +159,7 @@ impl Bootstrap {
                 "rendezvous root {root} refused rank {rank}: {}",
                 String::from_utf8_lossy(&reply[1..])
             ))),
-            _ => Err(Error::InvalidArgument(format!(
-                "malformed rendezvous reply from {root}"
-            ))),
+            _ => Err(Error::InvalidArgument(format!("malformed rendezvous reply from {root}"))),
         }
     }
 
@@ -207,8 +187,7 @@ impl Bootstrap {
     pub fn allgather(&mut self, blob: &[u8]) -> Result<Vec<Vec<u8>>> {
         let ctx = |e: io::Error| Error::io(format!("rank {}: bootstrap all-gather", self.rank), e);
         write_frame(&mut self.stream, blob).map_err(ctx)?;
-        let reply =
-            read_frame_until(&mut self.stream, Instant::now() + self.timeout).map_err(ctx)?;
+        let reply = read_frame_until(&mut self.stream, Instant::now() + self.timeout).map_err(ctx)?;
         let blobs = split_blobs(&reply)
             .filter(|b| b.len() == self.nranks)
             .ok_or_else(|| Error::InvalidArgument("malformed bootstrap all-gather reply".into()))?;
@@ -244,19 +223,11 @@ fn read_frame_until(stream: &mut TcpStream, deadline: Instant) -> io::Result<Vec
         while got < buf.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "rendezvous timed out",
-                ));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "rendezvous timed out"));
             }
             stream.set_read_timeout(Some(left))?;
             match stream.read(&mut buf[got..]) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "root closed the connection",
-                    ))
-                }
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "root closed the connection")),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -268,10 +239,7 @@ fn read_frame_until(stream: &mut TcpStream, deadline: Instant) -> io::Result<Vec
     read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_BLOB * 1024 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "oversized bootstrap frame",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "oversized bootstrap frame"));
     }
     let mut data = vec![0u8; len];
     read_exact(&mut data)?;
@@ -301,10 +269,8 @@ impl RootService {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let n = nranks.unwrap_or(0);
-                let missing: Vec<u8> = (0..n)
-                    .filter(|r| !ranks.contains_key(r))
-                    .flat_map(|r| (r as u32).to_le_bytes())
-                    .collect();
+                let missing: Vec<u8> =
+                    (0..n).filter(|r| !ranks.contains_key(r)).flat_map(|r| (r as u32).to_le_bytes()).collect();
                 let mut reply = vec![STATUS_MISSING];
                 reply.extend_from_slice(&missing);
                 for stream in ranks.values_mut() {
@@ -322,13 +288,11 @@ impl RootService {
             };
             stream.set_nonblocking(false).ok();
             stream.set_nodelay(true).ok();
-            let hello = match read_frame_until(&mut stream, Instant::now() + Duration::from_secs(5))
-            {
+            let hello = match read_frame_until(&mut stream, Instant::now() + Duration::from_secs(5)) {
                 Ok(h) if h.len() == 20 => h,
                 _ => continue, // not one of ours (a port scan, a stray connection)
             };
-            let word =
-                |i: usize| u32::from_le_bytes(hello[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+            let word = |i: usize| u32::from_le_bytes(hello[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
             let (rank, n) = (word(2) as usize, word(3) as usize);
             // The first rank to arrive starts the clock with its own timeout.
             let timeout = Duration::from_millis(word(4) as u64);
@@ -342,20 +306,11 @@ impl RootService {
                 continue;
             }
             if *nranks.get_or_insert(n) != n {
-                refuse(
-                    &mut stream,
-                    format!(
-                        "nranks {n} differs from {} given by other ranks",
-                        nranks.unwrap_or(0)
-                    ),
-                );
+                refuse(&mut stream, format!("nranks {n} differs from {} given by other ranks", nranks.unwrap_or(0)));
                 continue;
             }
             if rank >= n || ranks.contains_key(&rank) {
-                refuse(
-                    &mut stream,
-                    format!("rank {rank} is out of range or joined twice"),
-                );
+                refuse(&mut stream, format!("rank {rank} is out of range or joined twice"));
                 continue;
             }
             deadline.get_or_insert(Instant::now() + timeout);
@@ -392,11 +347,7 @@ impl RootService {
 fn comm_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     h.write_u32(std::process::id());
     h.finish()
 }
@@ -431,9 +382,7 @@ mod tests {
     fn missing_rank_is_named() {
         let id = UniqueId::new().unwrap();
         let t0 = Instant::now();
-        let err = Bootstrap::join(&id, 0, 2, Duration::from_millis(300))
-            .err()
-            .unwrap();
+        let err = Bootstrap::join(&id, 0, 2, Duration::from_millis(300)).err().unwrap();
         match err {
             Error::RendezvousTimeout { missing, .. } => assert_eq!(missing, vec![1]),
             other => panic!("unexpected {other}"),

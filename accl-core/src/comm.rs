@@ -55,15 +55,7 @@ pub struct CollArgs {
 impl CollArgs {
     /// Arguments for `coll` with `count` elements of `dtype`; op sum, root 0, no peers.
     pub fn new(coll: Collective, count: usize, dtype: DataType) -> CollArgs {
-        CollArgs {
-            coll,
-            count,
-            dtype,
-            op: ReduceOp::Sum,
-            root: 0,
-            send_to: None,
-            recv_from: None,
-        }
+        CollArgs { coll, count, dtype, op: ReduceOp::Sum, root: 0, send_to: None, recv_from: None }
     }
 
     /// Sets the reduction op.
@@ -87,19 +79,10 @@ impl CollArgs {
 
     /// Bytes this rank's send and receive buffers need: (input, output).
     pub fn buffer_bytes(&self, rank: usize, nranks: usize) -> Result<(usize, usize)> {
-        let overflow = || Error::CountOverflow {
-            count: self.count,
-            dtype: self.dtype,
-        };
-        let one = self
-            .count
-            .checked_mul(self.dtype.size())
-            .filter(|b| *b <= isize::MAX as usize)
-            .ok_or_else(overflow)?;
-        let all = one
-            .checked_mul(nranks)
-            .filter(|b| *b <= isize::MAX as usize)
-            .ok_or_else(overflow)?;
+        let overflow = || Error::CountOverflow { count: self.count, dtype: self.dtype };
+        let one =
+            self.count.checked_mul(self.dtype.size()).filter(|b| *b <= isize::MAX as usize).ok_or_else(overflow)?;
+        let all = one.checked_mul(nranks).filter(|b| *b <= isize::MAX as usize).ok_or_else(overflow)?;
         let is_root = rank == self.root;
         Ok(match self.coll {
             Collective::AllReduce => (one, one),
@@ -109,10 +92,9 @@ impl CollArgs {
             Collective::ReduceScatter => (all, one),
             Collective::AllToAll => (all, all),
             Collective::Barrier => (0, 0),
-            Collective::SendRecv => (
-                if self.send_to.is_some() { one } else { 0 },
-                if self.recv_from.is_some() { one } else { 0 },
-            ),
+            Collective::SendRecv => {
+                (if self.send_to.is_some() { one } else { 0 }, if self.recv_from.is_some() { one } else { 0 })
+            }
         })
     }
 }
@@ -171,9 +153,7 @@ impl Communicator {
                     (Some(ip), _) => SocketAddr::new(ip, 0),
                     (None, Some(addr)) => addr,
                     (None, None) => {
-                        return Err(Error::InvalidArgument(
-                            "cannot tell the local address towards the root".into(),
-                        ))
+                        return Err(Error::InvalidArgument("cannot tell the local address towards the root".into()))
                     }
                 };
                 Box::new(TcpProvider::new(local, config.socket_buf))
@@ -186,16 +166,12 @@ impl Communicator {
         blob.extend_from_slice(&listener.handle());
         let all = bootstrap.allgather(&blob)?;
         for (r, b) in all.iter().enumerate() {
-            let lanes = b
-                .get(..4)
-                .map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize);
+            let lanes = b.get(..4).map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize);
             if lanes != Some(config.lanes) || b.get(4) != Some(&(config.transport as u8)) {
                 return Err(Error::InvalidConfig {
                     name: "ACCL_LANES/ACCL_TRANSPORT".into(),
                     value: format!("{} lanes, {:?}", config.lanes, config.transport),
-                    reason: format!(
-                        "rank {r} uses different settings; every rank must use the same"
-                    ),
+                    reason: format!("rank {r} uses different settings; every rank must use the same"),
                 });
             }
         }
@@ -211,22 +187,14 @@ impl Communicator {
         let mut connecting: Vec<(usize, usize, Box<dyn Connecting>)> = Vec::new();
         for peer in (0..nranks).filter(|&p| p != rank) {
             for lane in 0..lanes {
-                let setup = LaneSetup {
-                    comm_id,
-                    rank,
-                    peer,
-                    lane,
-                    flow_label: label(lane),
-                };
+                let setup = LaneSetup { comm_id, rank, peer, lane, flow_label: label(lane) };
                 connecting.push((peer, lane, provider.connect(&all[peer][5..], &setup)?));
             }
         }
-        let mut send: Vec<Vec<Option<Box<dyn crate::transport::SendLane>>>> = (0..nranks)
-            .map(|_| (0..lanes).map(|_| None).collect())
-            .collect();
-        let mut recv: Vec<Vec<Option<Box<dyn crate::transport::RecvLane>>>> = (0..nranks)
-            .map(|_| (0..lanes).map(|_| None).collect())
-            .collect();
+        let mut send: Vec<Vec<Option<Box<dyn crate::transport::SendLane>>>> =
+            (0..nranks).map(|_| (0..lanes).map(|_| None).collect()).collect();
+        let mut recv: Vec<Vec<Option<Box<dyn crate::transport::RecvLane>>>> =
+            (0..nranks).map(|_| (0..lanes).map(|_| None).collect()).collect();
         let expected_accepts = (nranks - 1) * lanes;
         let mut accepted = 0;
         while !connecting.is_empty() || accepted < expected_accepts {
@@ -256,9 +224,7 @@ impl Communicator {
             }
             if Instant::now() >= deadline {
                 let mut missing: Vec<usize> = connecting.iter().map(|(p, _, _)| *p).collect();
-                missing.extend(
-                    (0..nranks).filter(|&p| p != rank && recv[p].iter().any(Option::is_none)),
-                );
+                missing.extend((0..nranks).filter(|&p| p != rank && recv[p].iter().any(Option::is_none)));
                 missing.sort_unstable();
                 missing.dedup();
                 return Err(Error::Timeout {
@@ -274,12 +240,7 @@ impl Communicator {
         let peers = send
             .into_iter()
             .zip(recv)
-            .map(|(s, r)| {
-                PeerLanes::new(
-                    s.into_iter().flatten().collect(),
-                    r.into_iter().flatten().collect(),
-                )
-            })
+            .map(|(s, r)| PeerLanes::new(s.into_iter().flatten().collect(), r.into_iter().flatten().collect()))
             .collect();
         bootstrap.barrier()?;
         if config.debug {
@@ -315,8 +276,7 @@ impl Communicator {
             env_var(name).ok_or_else(|| Error::InvalidConfig {
                 name: name.into(),
                 value: String::new(),
-                reason: "not set (use accl-run, or set ACCL_RANK, ACCL_NRANKS and ACCL_ROOT)"
-                    .into(),
+                reason: "not set (use accl-run, or set ACCL_RANK, ACCL_NRANKS and ACCL_ROOT)".into(),
             })
         };
         let num = |name: &str| -> Result<usize> {
@@ -336,11 +296,7 @@ impl Communicator {
             });
         }
         let root = crate::addr::parse_socket_addr(&get("ACCL_ROOT")?, "ACCL_ROOT")?;
-        let id = if rank == 0 {
-            UniqueId::serve(root)?
-        } else {
-            UniqueId::from_addr(root)
-        };
+        let id = if rank == 0 { UniqueId::serve(root)? } else { UniqueId::from_addr(root) };
         Communicator::init(&id, rank, nranks, config)
     }
 
@@ -380,30 +336,25 @@ impl Communicator {
             .iter()
             .enumerate()
             .flat_map(|(peer, p)| {
-                p.send.iter().enumerate().map(move |(lane, l)| LaneInfo {
-                    peer,
-                    lane,
-                    flow_label: l.flow_label(),
-                })
+                p.send.iter().enumerate().map(move |(lane, l)| LaneInfo { peer, lane, flow_label: l.flow_label() })
             })
             .collect()
     }
 
     /// The algorithm a call with these arguments would use.
     pub fn algorithm(&self, args: &CollArgs) -> Algorithm {
-        choose(
-            args.coll,
-            args.count.saturating_mul(args.dtype.size()),
-            self.nranks,
-            &self.config.algo,
-        )
+        choose(args.coll, args.count.saturating_mul(args.dtype.size()), self.nranks, &self.config.algo)
+    }
+
+    /// Replaces the algorithm overrides (`ACCL_ALGO`) for later calls. Every rank must make
+    /// the same change before its next call (a difference is reported as a mismatch).
+    pub fn set_algorithms(&mut self, choice: crate::algo::AlgoChoice) {
+        self.config.algo = choice;
     }
 
     /// A handle that aborts this communicator from another thread.
     pub fn abort_handle(&self) -> AbortHandle {
-        AbortHandle {
-            state: self.abort.clone(),
-        }
+        AbortHandle { state: self.abort.clone() }
     }
 
     /// Whether an earlier error left the communicator unusable.
@@ -417,12 +368,7 @@ impl Communicator {
     /// # Safety
     /// `send` must be readable and `recv` writable for the sizes
     /// [`CollArgs::buffer_bytes`] gives, for the whole call, and not be used by others meanwhile.
-    pub unsafe fn run_raw(
-        &mut self,
-        args: &CollArgs,
-        send: *const u8,
-        recv: *mut u8,
-    ) -> Result<()> {
+    pub unsafe fn run_raw(&mut self, args: &CollArgs, send: *const u8, recv: *mut u8) -> Result<()> {
         let (_, out_bytes) = args.buffer_bytes(self.rank, self.nranks)?;
         let blk = args.count * args.dtype.size();
         let in_place = match args.coll {
@@ -430,24 +376,15 @@ impl Communicator {
             Collective::ReduceScatter => recv as *const u8 == send.wrapping_add(self.rank * blk),
             _ => send == recv as *const u8 && out_bytes > 0,
         };
-        let base = if in_place && args.coll == Collective::ReduceScatter {
-            send as *mut u8
-        } else {
-            recv
-        };
+        let base = if in_place && args.coll == Collective::ReduceScatter { send as *mut u8 } else { recv };
         // SAFETY: forwarded from the caller.
         unsafe { self.call(args, send, base, in_place) }
     }
 
     fn check_args(&self, args: &CollArgs, have_in: usize, have_out: usize) -> Result<()> {
         let (need_in, need_out) = args.buffer_bytes(self.rank, self.nranks)?;
-        let small = |buffer, needed, got| Error::BufferTooSmall {
-            buffer,
-            needed,
-            got,
-            count: args.count,
-            dtype: args.dtype,
-        };
+        let small =
+            |buffer, needed, got| Error::BufferTooSmall { buffer, needed, got, count: args.count, dtype: args.dtype };
         if have_in < need_in {
             return Err(small("send", need_in, have_in));
         }
@@ -460,27 +397,16 @@ impl Communicator {
     fn validate(&self, args: &CollArgs) -> Result<()> {
         let n = self.nranks;
         if matches!(args.coll, Collective::Reduce | Collective::Broadcast) && args.root >= n {
-            return Err(Error::InvalidRank {
-                what: "root",
-                rank: args.root,
-                nranks: n,
-            });
+            return Err(Error::InvalidRank { what: "root", rank: args.root, nranks: n });
         }
         if args.coll == Collective::SendRecv {
-            for (what, peer) in [
-                ("send peer", args.send_to),
-                ("receive peer", args.recv_from),
-            ] {
+            for (what, peer) in [("send peer", args.send_to), ("receive peer", args.recv_from)] {
                 match peer {
-                    Some(p) if p >= n => {
-                        return Err(Error::InvalidRank {
-                            what,
-                            rank: p,
-                            nranks: n,
-                        })
-                    }
+                    Some(p) if p >= n => return Err(Error::InvalidRank { what, rank: p, nranks: n }),
                     Some(p) if p == self.rank && args.send_to != args.recv_from => {
-                        return Err(Error::InvalidArgument(format!("rank {p}: a send to or receive from oneself needs both in one send_recv call")));
+                        return Err(Error::InvalidArgument(format!(
+                            "rank {p}: a send to or receive from oneself needs both in one send_recv call"
+                        )));
                     }
                     _ => {}
                 }
@@ -493,13 +419,7 @@ impl Communicator {
     }
 
     /// Validates, plans and executes one call; every error fails the communicator.
-    unsafe fn call(
-        &mut self,
-        args: &CollArgs,
-        input: *const u8,
-        output: *mut u8,
-        in_place: bool,
-    ) -> Result<()> {
+    unsafe fn call(&mut self, args: &CollArgs, input: *const u8, output: *mut u8, in_place: bool) -> Result<()> {
         if let Some(why) = &self.failed {
             return Err(Error::Failed(why.clone()));
         }
@@ -513,13 +433,7 @@ impl Communicator {
         result
     }
 
-    unsafe fn execute(
-        &mut self,
-        args: &CollArgs,
-        input: *const u8,
-        output: *mut u8,
-        in_place: bool,
-    ) -> Result<()> {
+    unsafe fn execute(&mut self, args: &CollArgs, input: *const u8, output: *mut u8, in_place: bool) -> Result<()> {
         let elem = args.dtype.size();
         if args.coll == Collective::SendRecv && args.send_to == Some(self.rank) {
             // A message to oneself: a copy.
@@ -538,11 +452,7 @@ impl Communicator {
             count: args.count,
             elem,
             op: args.op,
-            root: if args.coll == Collective::SendRecv {
-                args.send_to.unwrap_or(0)
-            } else {
-                args.root
-            },
+            root: if args.coll == Collective::SendRecv { args.send_to.unwrap_or(0) } else { args.root },
             src: args.recv_from.unwrap_or(0),
             in_place,
             segment: self.config.segment_size,
@@ -577,11 +487,7 @@ impl Communicator {
             // Point-to-point messages are matched by their order on the connection alone.
             seq: if p2p { 0 } else { self.seq },
             count: args.count as u64,
-            root: if matches!(args.coll, Collective::Reduce | Collective::Broadcast) {
-                args.root as u32
-            } else {
-                0
-            },
+            root: if matches!(args.coll, Collective::Reduce | Collective::Broadcast) { args.root as u32 } else { 0 },
         };
         let bufs = Buffers {
             input: if in_place { output as *const u8 } else { input },
@@ -615,12 +521,7 @@ impl Communicator {
         self.failed = Some(err.to_string());
     }
 
-    fn typed<T: Element>(
-        &mut self,
-        args: CollArgs,
-        send: Option<&[T]>,
-        recv: Option<&mut [T]>,
-    ) -> Result<()> {
+    fn typed<T: Element>(&mut self, args: CollArgs, send: Option<&[T]>, recv: Option<&mut [T]>) -> Result<()> {
         if let Some(why) = &self.failed {
             return Err(Error::Failed(why.clone()));
         }
@@ -632,11 +533,7 @@ impl Communicator {
             None => (std::ptr::null_mut(), 0),
         };
         let check = if in_place {
-            self.check_args(
-                &args,
-                have_out.min(self.in_place_input_bytes(&args)),
-                have_out,
-            )
+            self.check_args(&args, have_out.min(self.in_place_input_bytes(&args)), have_out)
         } else {
             self.check_args(&args, have_in, have_out)
         };
@@ -651,14 +548,13 @@ impl Communicator {
 
     /// In place, the input lives in the output buffer: allgather reads only its own block.
     fn in_place_input_bytes(&self, args: &CollArgs) -> usize {
-        args.buffer_bytes(self.rank, self.nranks)
-            .map_or(0, |(i, o)| {
-                if args.coll == Collective::AllGather {
-                    o
-                } else {
-                    i.max(o)
-                }
-            })
+        args.buffer_bytes(self.rank, self.nranks).map_or(0, |(i, o)| {
+            if args.coll == Collective::AllGather {
+                o
+            } else {
+                i.max(o)
+            }
+        })
     }
 
     fn blocks<T>(&self, len: usize, what: &str) -> Result<usize> {
@@ -672,155 +568,74 @@ impl Communicator {
     }
 
     /// `recv = op(send of every rank)`, element-wise.
-    pub fn all_reduce<T: Element>(
-        &mut self,
-        send: &[T],
-        recv: &mut [T],
-        op: ReduceOp,
-    ) -> Result<()> {
-        self.typed(
-            CollArgs::new(Collective::AllReduce, send.len(), T::DTYPE).op(op),
-            Some(send),
-            Some(recv),
-        )
+    pub fn all_reduce<T: Element>(&mut self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        self.typed(CollArgs::new(Collective::AllReduce, send.len(), T::DTYPE).op(op), Some(send), Some(recv))
     }
 
     /// In-place allreduce.
     pub fn all_reduce_in_place<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        self.typed(
-            CollArgs::new(Collective::AllReduce, buf.len(), T::DTYPE).op(op),
-            None,
-            Some(buf),
-        )
+        self.typed(CollArgs::new(Collective::AllReduce, buf.len(), T::DTYPE).op(op), None, Some(buf))
     }
 
     /// Reduces every rank's `send` into `recv` on `root`; other ranks may pass an empty `recv`.
-    pub fn reduce<T: Element>(
-        &mut self,
-        send: &[T],
-        recv: &mut [T],
-        op: ReduceOp,
-        root: usize,
-    ) -> Result<()> {
-        self.typed(
-            CollArgs::new(Collective::Reduce, send.len(), T::DTYPE)
-                .op(op)
-                .root(root),
-            Some(send),
-            Some(recv),
-        )
+    pub fn reduce<T: Element>(&mut self, send: &[T], recv: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
+        self.typed(CollArgs::new(Collective::Reduce, send.len(), T::DTYPE).op(op).root(root), Some(send), Some(recv))
     }
 
     /// In-place reduce: the result lands in `buf` on `root`; other ranks' `buf` is not changed.
-    pub fn reduce_in_place<T: Element>(
-        &mut self,
-        buf: &mut [T],
-        op: ReduceOp,
-        root: usize,
-    ) -> Result<()> {
-        self.typed(
-            CollArgs::new(Collective::Reduce, buf.len(), T::DTYPE)
-                .op(op)
-                .root(root),
-            None,
-            Some(buf),
-        )
+    pub fn reduce_in_place<T: Element>(&mut self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
+        self.typed(CollArgs::new(Collective::Reduce, buf.len(), T::DTYPE).op(op).root(root), None, Some(buf))
     }
 
     /// Copies `send` of `root` into every rank's `recv` (`send` is ignored, and may be empty,
     /// elsewhere).
     pub fn broadcast<T: Element>(&mut self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
-        self.typed(
-            CollArgs::new(Collective::Broadcast, recv.len(), T::DTYPE).root(root),
-            Some(send),
-            Some(recv),
-        )
+        self.typed(CollArgs::new(Collective::Broadcast, recv.len(), T::DTYPE).root(root), Some(send), Some(recv))
     }
 
     /// In-place broadcast from `root`.
     pub fn broadcast_in_place<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
-        self.typed(
-            CollArgs::new(Collective::Broadcast, buf.len(), T::DTYPE).root(root),
-            None,
-            Some(buf),
-        )
+        self.typed(CollArgs::new(Collective::Broadcast, buf.len(), T::DTYPE).root(root), None, Some(buf))
     }
 
     /// Gathers every rank's `send` into `recv`, block r holding rank r's data.
     pub fn all_gather<T: Element>(&mut self, send: &[T], recv: &mut [T]) -> Result<()> {
-        self.typed(
-            CollArgs::new(Collective::AllGather, send.len(), T::DTYPE),
-            Some(send),
-            Some(recv),
-        )
+        self.typed(CollArgs::new(Collective::AllGather, send.len(), T::DTYPE), Some(send), Some(recv))
     }
 
     /// In-place allgather: this rank's data is already in block `rank` of `buf`.
     pub fn all_gather_in_place<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
         let count = self.blocks::<T>(buf.len(), "allgather buffer")?;
-        self.typed(
-            CollArgs::new(Collective::AllGather, count, T::DTYPE),
-            None,
-            Some(buf),
-        )
+        self.typed(CollArgs::new(Collective::AllGather, count, T::DTYPE), None, Some(buf))
     }
 
     /// Reduces `send` (nranks blocks of `recv.len()`) across ranks; rank r gets block r.
-    pub fn reduce_scatter<T: Element>(
-        &mut self,
-        send: &[T],
-        recv: &mut [T],
-        op: ReduceOp,
-    ) -> Result<()> {
-        self.typed(
-            CollArgs::new(Collective::ReduceScatter, recv.len(), T::DTYPE).op(op),
-            Some(send),
-            Some(recv),
-        )
+    pub fn reduce_scatter<T: Element>(&mut self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        self.typed(CollArgs::new(Collective::ReduceScatter, recv.len(), T::DTYPE).op(op), Some(send), Some(recv))
     }
 
     /// In-place reduce_scatter: the result is block `rank` of `buf`.
-    pub fn reduce_scatter_in_place<T: Element>(
-        &mut self,
-        buf: &mut [T],
-        op: ReduceOp,
-    ) -> Result<()> {
+    pub fn reduce_scatter_in_place<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let count = self.blocks::<T>(buf.len(), "reduce_scatter buffer")?;
-        self.typed(
-            CollArgs::new(Collective::ReduceScatter, count, T::DTYPE).op(op),
-            None,
-            Some(buf),
-        )
+        self.typed(CollArgs::new(Collective::ReduceScatter, count, T::DTYPE).op(op), None, Some(buf))
     }
 
     /// All-to-all with equal blocks: block j of `send` goes to rank j, block i of `recv` comes
     /// from rank i. `send.len()` must be a multiple of nranks.
     pub fn all_to_all<T: Element>(&mut self, send: &[T], recv: &mut [T]) -> Result<()> {
         let count = self.blocks::<T>(send.len(), "all2all send buffer")?;
-        self.typed(
-            CollArgs::new(Collective::AllToAll, count, T::DTYPE),
-            Some(send),
-            Some(recv),
-        )
+        self.typed(CollArgs::new(Collective::AllToAll, count, T::DTYPE), Some(send), Some(recv))
     }
 
     /// In-place all-to-all.
     pub fn all_to_all_in_place<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
         let count = self.blocks::<T>(buf.len(), "all2all buffer")?;
-        self.typed(
-            CollArgs::new(Collective::AllToAll, count, T::DTYPE),
-            None,
-            Some(buf),
-        )
+        self.typed(CollArgs::new(Collective::AllToAll, count, T::DTYPE), None, Some(buf))
     }
 
     /// Returns once every rank called it.
     pub fn barrier(&mut self) -> Result<()> {
-        self.typed::<u8>(
-            CollArgs::new(Collective::Barrier, 0, DataType::U8),
-            Some(&[]),
-            Some(&mut []),
-        )
+        self.typed::<u8>(CollArgs::new(Collective::Barrier, 0, DataType::U8), Some(&[]), Some(&mut []))
     }
 
     /// Sends `buf` to `peer`, which must call [`Communicator::recv`] with the same length.
@@ -843,13 +658,7 @@ impl Communicator {
 
     /// Sends `send` to `to` while receiving `recv` from `from`, without deadlock (a ring shift
     /// when every rank calls it with its neighbours). Both buffers have the same length.
-    pub fn send_recv<T: Element>(
-        &mut self,
-        send: &[T],
-        to: usize,
-        recv: &mut [T],
-        from: usize,
-    ) -> Result<()> {
+    pub fn send_recv<T: Element>(&mut self, send: &[T], to: usize, recv: &mut [T], from: usize) -> Result<()> {
         if send.len() != recv.len() {
             return Err(Error::InvalidArgument(format!(
                 "send_recv lengths differ: send {} vs receive {}",

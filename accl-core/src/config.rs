@@ -109,11 +109,7 @@ pub fn parse_size(text: &str) -> Option<usize> {
 }
 
 fn invalid(name: &str, value: &str, reason: &str) -> Error {
-    Error::InvalidConfig {
-        name: name.to_string(),
-        value: value.to_string(),
-        reason: reason.to_string(),
-    }
+    Error::InvalidConfig { name: name.to_string(), value: value.to_string(), reason: reason.to_string() }
 }
 
 fn env_parsed<T>(name: &str, parse: impl Fn(&str) -> Option<T>, reason: &str) -> Result<Option<T>> {
@@ -141,11 +137,7 @@ impl Config {
         )? {
             c.lanes = n;
         }
-        if let Some(t) = env_parsed(
-            "ACCL_TRANSPORT",
-            TransportKind::parse,
-            "expected auto, tcp or mem",
-        )? {
+        if let Some(t) = env_parsed("ACCL_TRANSPORT", TransportKind::parse, "expected auto, tcp or mem")? {
             c.transport = t;
         }
         if let Some(v) = env_var("ACCL_ALGO") {
@@ -155,18 +147,10 @@ impl Config {
         if let Some(n) = env_parsed("ACCL_CHUNK_SIZE", size, "expected a size >= 4K, e.g. 1M")? {
             c.chunk_size = n;
         }
-        if let Some(n) = env_parsed(
-            "ACCL_SEGMENT_SIZE",
-            size,
-            "expected a size >= 4K, e.g. 256K",
-        )? {
+        if let Some(n) = env_parsed("ACCL_SEGMENT_SIZE", size, "expected a size >= 4K, e.g. 256K")? {
             c.segment_size = n;
         }
-        if let Some(us) = env_parsed(
-            "ACCL_SPIN_US",
-            |v| v.parse::<u64>().ok(),
-            "expected microseconds",
-        )? {
+        if let Some(us) = env_parsed("ACCL_SPIN_US", |v| v.parse::<u64>().ok(), "expected microseconds")? {
             c.spin = Duration::from_micros(us);
         }
         if let Some(label) = env_parsed(
@@ -176,11 +160,9 @@ impl Config {
         )? {
             c.flow_label = label;
         }
-        if let Some(ip) = env_parsed(
-            "ACCL_LISTEN_ADDR",
-            |v| v.trim_matches(['[', ']']).parse().ok(),
-            "expected an IP address",
-        )? {
+        if let Some(ip) =
+            env_parsed("ACCL_LISTEN_ADDR", |v| v.trim_matches(['[', ']']).parse().ok(), "expected an IP address")?
+        {
             c.listen_addr = Some(ip);
         }
         let threads = env_parsed(
@@ -196,11 +178,7 @@ impl Config {
         )? {
             c.a2a_window = n;
         }
-        if let Some(n) = env_parsed(
-            "ACCL_SOCKET_BUF",
-            parse_size,
-            "expected a size, e.g. 4M, or 0",
-        )? {
+        if let Some(n) = env_parsed("ACCL_SOCKET_BUF", parse_size, "expected a size, e.g. 4M, or 0")? {
             c.socket_buf = n;
         }
         c.debug = env_var("ACCL_DEBUG").is_some_and(|v| v != "0");
@@ -219,9 +197,6 @@ fn parse_u32_auto(v: &str) -> Option<u32> {
 /// that reduction threads never oversubscribe the machine.
 fn default_reduce_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let local = env_var("ACCL_LOCAL_NRANKS")
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n >= 1)
-        .unwrap_or(cores);
+    let local = env_var("ACCL_LOCAL_NRANKS").and_then(|v| v.parse::<usize>().ok()).filter(|n| *n >= 1).unwrap_or(cores);
     (cores / local).max(1)
 }

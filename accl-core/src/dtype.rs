@@ -48,10 +48,7 @@ impl DataType {
 
     /// True for the floating-point types.
     pub const fn is_float(self) -> bool {
-        matches!(
-            self,
-            DataType::F16 | DataType::Bf16 | DataType::F32 | DataType::F64
-        )
+        matches!(self, DataType::F16 | DataType::Bf16 | DataType::F32 | DataType::F64)
     }
 
     /// The nccl-tests name (`float`, `bfloat16`, `int32`, ...).
@@ -123,13 +120,7 @@ pub enum ReduceOp {
 
 impl ReduceOp {
     /// Every operator, in wire-code order.
-    pub const ALL: [ReduceOp; 5] = [
-        ReduceOp::Sum,
-        ReduceOp::Prod,
-        ReduceOp::Min,
-        ReduceOp::Max,
-        ReduceOp::Avg,
-    ];
+    pub const ALL: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Min, ReduceOp::Max, ReduceOp::Avg];
 
     /// The nccl-tests name.
     pub const fn name(self) -> &'static str {
@@ -144,9 +135,7 @@ impl ReduceOp {
 
     /// Parses `sum`, `prod`, `min`, `max` or `avg` (any case).
     pub fn parse(name: &str) -> Option<ReduceOp> {
-        ReduceOp::ALL
-            .into_iter()
-            .find(|op| op.name().eq_ignore_ascii_case(name))
+        ReduceOp::ALL.into_iter().find(|op| op.name().eq_ignore_ascii_case(name))
     }
 
     /// Decodes a wire code written by `self as u8`.

@@ -59,12 +59,9 @@ pub fn describe_header(h: &Header) -> String {
     if u16_at(0) != HEADER_MAGIC {
         return format!("garbage (not an accl header: {:02x?})", &h[..8]);
     }
-    let coll = Collective::from_code(h[2])
-        .map_or_else(|| format!("collective#{}", h[2]), |c| c.name().to_string());
-    let dtype = DataType::from_code(h[3])
-        .map_or_else(|| format!("dtype#{}", h[3]), |d| d.name().to_string());
-    let op =
-        ReduceOp::from_code(h[4]).map_or_else(|| format!("op#{}", h[4]), |o| o.name().to_string());
+    let coll = Collective::from_code(h[2]).map_or_else(|| format!("collective#{}", h[2]), |c| c.name().to_string());
+    let dtype = DataType::from_code(h[3]).map_or_else(|| format!("dtype#{}", h[3]), |d| d.name().to_string());
+    let op = ReduceOp::from_code(h[4]).map_or_else(|| format!("op#{}", h[4]), |o| o.name().to_string());
     let algo = crate::algo::Algorithm::ALL
         .into_iter()
         .find(|a| *a as u8 == h[5])
@@ -91,8 +88,6 @@ pub struct PeerLanes {
     pub recv: Vec<Box<dyn RecvLane>>,
     pub sent_msgs: u64,
     pub recv_msgs: u64,
-    /// Set when the peer closed its end while we needed nothing from it.
-    pub departed: Option<String>,
     /// Per lane: the step each posted chunk belongs to, in posting order.
     send_fifo: Vec<VecDeque<u32>>,
     recv_fifo: Vec<VecDeque<u32>>,
@@ -144,20 +139,11 @@ impl Buffers {
 }
 
 /// Splits a message of `len` bytes into chunks: (offset, length, lane).
-fn chunks(
-    len: usize,
-    chunk: usize,
-    lanes: usize,
-    msg_index: u64,
-) -> impl Iterator<Item = (usize, usize, usize)> {
+fn chunks(len: usize, chunk: usize, lanes: usize, msg_index: u64) -> impl Iterator<Item = (usize, usize, usize)> {
     let n = len.div_ceil(chunk).max(1);
     (0..n).map(move |i| {
         let off = i * chunk;
-        (
-            off,
-            chunk.min(len - off),
-            ((msg_index as usize) + i) % lanes,
-        )
+        (off, chunk.min(len - off), ((msg_index as usize) + i) % lanes)
     })
 }
 
@@ -186,12 +172,7 @@ struct Run<'s, 'c, 'a> {
 /// # Safety
 /// `bufs` must point at buffers large enough for every region of `sched`, valid for the whole
 /// call, with `input` not written by anyone (unless it aliases `output` in place).
-pub unsafe fn execute(
-    ctx: &mut Context<'_>,
-    sched: &Schedule,
-    bufs: Buffers,
-    info: CallInfo,
-) -> Result<()> {
+pub unsafe fn execute(ctx: &mut Context<'_>, sched: &Schedule, bufs: Buffers, info: CallInfo) -> Result<()> {
     let n = sched.steps.len();
     let nranks = ctx.peers.len();
     let mut run = Run {
@@ -229,9 +210,7 @@ impl Run<'_, '_, '_> {
         let mut bell_seen = None;
         while self.done_count < total {
             if self.ctx.abort.flag.load(Ordering::Relaxed) {
-                return Err(Error::Aborted {
-                    rank: self.ctx.rank,
-                });
+                return Err(Error::Aborted { rank: self.ctx.rank });
             }
             let mut progressed = self.post_ready()?;
             progressed |= self.progress_lanes()?;
@@ -310,14 +289,6 @@ impl Run<'_, '_, '_> {
             Step::Recv { peer, dst } => {
                 let base = self.bufs.ptr(dst);
                 let lanes = &mut self.ctx.peers[peer];
-                if let Some(why) = &lanes.departed {
-                    return Err(Error::PeerFailed {
-                        rank,
-                        peer,
-                        lane: 0,
-                        reason: why.clone(),
-                    });
-                }
                 let nl = lanes.recv.len();
                 let mut count = 0;
                 for (off, len, lane) in chunks(dst.len, chunk_size, nl, lanes.recv_msgs) {
@@ -346,11 +317,7 @@ impl Run<'_, '_, '_> {
                 }
                 let n = lane.progress().map_err(|e| lane_error(rank, peer, i, e))?;
                 for _ in 0..n {
-                    finished.push(
-                        lanes.send_fifo[i]
-                            .pop_front()
-                            .expect("completion of a posted chunk"),
-                    );
+                    finished.push(lanes.send_fifo[i].pop_front().expect("completion of a posted chunk"));
                 }
             }
             for (i, lane) in lanes.recv.iter_mut().enumerate() {
@@ -358,20 +325,13 @@ impl Run<'_, '_, '_> {
                     continue;
                 }
                 let n = lane.progress().map_err(|e| match e {
-                    LaneError::Mismatch { expected, got } => Error::Mismatch {
-                        rank,
-                        peer,
-                        expected: describe_header(&expected),
-                        got: describe_header(&got),
-                    },
+                    LaneError::Mismatch { expected, got } => {
+                        Error::Mismatch { rank, peer, expected: describe_header(&expected), got: describe_header(&got) }
+                    }
                     e => lane_error(rank, peer, i, e),
                 })?;
                 for _ in 0..n {
-                    finished.push(
-                        lanes.recv_fifo[i]
-                            .pop_front()
-                            .expect("completion of a posted chunk"),
-                    );
+                    finished.push(lanes.recv_fifo[i].pop_front().expect("completion of a posted chunk"));
                 }
             }
         }
@@ -404,36 +364,21 @@ impl Run<'_, '_, '_> {
         // SAFETY (all slices below): regions lie within the validated buffers and the schedule's
         // dependencies guarantee no network operation or other step touches them meanwhile.
         let bytes = |r: Region| unsafe { std::slice::from_raw_parts(self.bufs.ptr(r), r.len) };
-        let bytes_mut =
-            |r: Region| unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr(r), r.len) };
+        let bytes_mut = |r: Region| unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr(r), r.len) };
         match self.sched.steps[step as usize] {
-            Step::Reduce { dst, src } => {
-                self.ctx
-                    .reducer
-                    .reduce_inplace(dtype, op, bytes_mut(dst), bytes(src))
-            }
+            Step::Reduce { dst, src } => self.ctx.reducer.reduce_inplace(dtype, op, bytes_mut(dst), bytes(src)),
             Step::ReduceInto { dst, a, b } => {
                 if self.bufs.ptr(dst) == self.bufs.ptr(a) {
-                    self.ctx
-                        .reducer
-                        .reduce_inplace(dtype, op, bytes_mut(dst), bytes(b));
+                    self.ctx.reducer.reduce_inplace(dtype, op, bytes_mut(dst), bytes(b));
                 } else {
-                    self.ctx
-                        .reducer
-                        .reduce_into(dtype, op, bytes_mut(dst), bytes(a), bytes(b));
+                    self.ctx.reducer.reduce_into(dtype, op, bytes_mut(dst), bytes(a), bytes(b));
                 }
             }
             Step::Copy { dst, src } => {
                 if dst.len > 0 && self.bufs.ptr(dst) != self.bufs.ptr(src) {
                     // SAFETY: distinct, non-overlapping regions (the schedule never copies
                     // between overlapping ranges except onto itself).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            self.bufs.ptr(src),
-                            self.bufs.ptr(dst),
-                            dst.len,
-                        )
-                    };
+                    unsafe { std::ptr::copy_nonoverlapping(self.bufs.ptr(src), self.bufs.ptr(dst), dst.len) };
                 }
             }
             Step::Divide { buf } => reduce::divide(dtype, bytes_mut(buf), self.nranks),
@@ -458,29 +403,16 @@ impl Run<'_, '_, '_> {
         let mut owners: Vec<(usize, bool, usize)> = Vec::new();
         let mut bell = None;
         for (peer, lanes) in self.ctx.peers.iter().enumerate() {
-            if lanes.departed.is_some() {
-                continue;
-            }
             let sources = lanes
                 .send
                 .iter()
                 .enumerate()
                 .map(|(i, l)| (true, i, l.wait_source()))
-                .chain(
-                    lanes
-                        .recv
-                        .iter()
-                        .enumerate()
-                        .map(|(i, l)| (false, i, l.wait_source())),
-                );
+                .chain(lanes.recv.iter().enumerate().map(|(i, l)| (false, i, l.wait_source())));
             for (is_send, lane, source) in sources {
                 match source {
                     Some(WaitSource::Fd { fd, events }) => {
-                        fds.push(libc::pollfd {
-                            fd,
-                            events,
-                            revents: 0,
-                        });
+                        fds.push(libc::pollfd { fd, events, revents: 0 });
                         owners.push((peer, is_send, lane));
                     }
                     Some(WaitSource::Bell(b)) => bell = Some(b),
@@ -522,9 +454,6 @@ impl Run<'_, '_, '_> {
 
     fn check_all_peers(&mut self) -> Result<()> {
         for peer in 0..self.nranks {
-            if self.ctx.peers[peer].departed.is_some() {
-                continue;
-            }
             for lane in 0..self.ctx.peers[peer].send.len() {
                 self.check_peer(peer, true, lane)?;
             }
@@ -538,30 +467,24 @@ impl Run<'_, '_, '_> {
     fn check_peer(&mut self, peer: usize, is_send: bool, lane: usize) -> Result<()> {
         let rank = self.ctx.rank;
         let lanes = &mut self.ctx.peers[peer];
-        if lanes.departed.is_some() {
-            return Ok(());
-        }
-        let result = if is_send {
-            lanes.send[lane].check_peer()
+        let (result, queued) = if is_send {
+            (lanes.send[lane].check_peer(), lanes.send[lane].queued())
         } else {
-            lanes.recv[lane].check_peer()
+            (lanes.recv[lane].check_peer(), lanes.recv[lane].queued())
         };
         match result {
-            Ok(()) => Ok(()),
-            Err(LaneError::Closed(why)) if !self.needs(peer) => {
-                // A peer that finished and left is only an error once it is needed again.
-                self.ctx.peers[peer].departed = Some(why);
-                Ok(())
-            }
+            // A peer that finished and left is no error while nothing waits on this lane; a
+            // later send fails at once, a later receive when it finds the end of the stream.
+            Err(LaneError::Closed(_)) if queued == 0 => Ok(()),
             Err(e) => Err(lane_error(rank, peer, lane, e)),
+            Ok(()) => Ok(()),
         }
     }
 
     fn timeout_error(&self) -> Error {
         let mut waiting: Vec<usize> = (0..self.nranks)
             .filter(|&p| {
-                self.recvs_posted[p] < self.recvs[p].len()
-                    || self.ctx.peers[p].recv.iter().any(|l| l.queued() > 0)
+                self.recvs_posted[p] < self.recvs[p].len() || self.ctx.peers[p].recv.iter().any(|l| l.queued() > 0)
             })
             .collect();
         if waiting.is_empty() {
@@ -580,18 +503,10 @@ impl Run<'_, '_, '_> {
 /// Turns a lane error into an [`Error`] naming this rank, the peer and the lane.
 pub fn lane_error(rank: usize, peer: usize, lane: usize, e: LaneError) -> Error {
     match e {
-        LaneError::Closed(reason) => Error::PeerFailed {
-            rank,
-            peer,
-            lane,
-            reason,
-        },
-        LaneError::Mismatch { expected, got } => Error::Mismatch {
-            rank,
-            peer,
-            expected: describe_header(&expected),
-            got: describe_header(&got),
-        },
+        LaneError::Closed(reason) => Error::PeerFailed { rank, peer, lane, reason },
+        LaneError::Mismatch { expected, got } => {
+            Error::Mismatch { rank, peer, expected: describe_header(&expected), got: describe_header(&got) }
+        }
         LaneError::Notice(body) => decode_notice(rank, peer, &body),
     }
 }
@@ -607,12 +522,7 @@ pub fn encode_notice(reporter: usize, failed: Option<usize>, reason: &str) -> Ve
 
 fn decode_notice(rank: usize, peer: usize, body: &[u8]) -> Error {
     if body.len() < 8 {
-        return Error::RemoteFailure {
-            rank,
-            reporter: peer,
-            failed: None,
-            reason: "malformed failure notice".into(),
-        };
+        return Error::RemoteFailure { rank, reporter: peer, failed: None, reason: "malformed failure notice".into() };
     }
     let reporter = u32::from_le_bytes(body[0..4].try_into().expect("4 bytes")) as usize;
     let failed = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));

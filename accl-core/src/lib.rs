@@ -25,6 +25,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod reduce;
+pub mod testkit;
 pub mod transport;
 
 pub use algo::{Algorithm, Collective};

@@ -13,17 +13,10 @@ pub fn all_to_all(p: &Plan) -> Schedule {
     let mut source = b.input(0, n * blk);
     if b.in_place() && n > 1 {
         let aside = b.scratch(n * blk);
-        b.push(Step::Copy {
-            dst: aside,
-            src: source,
-        });
+        b.push(Step::Copy { dst: aside, src: source });
         source = aside;
     }
-    let block_of = |region: super::Region, j: usize| super::Region {
-        off: region.off + j * blk,
-        len: blk,
-        ..region
-    };
+    let block_of = |region: super::Region, j: usize| super::Region { off: region.off + j * blk, len: blk, ..region };
     let own = block_of(source, r);
     let dst = b.output(r * blk, blk);
     b.push(Step::Copy { dst, src: own });
@@ -37,20 +30,8 @@ pub fn all_to_all(p: &Plan) -> Schedule {
             }
             None => Vec::new(),
         };
-        let send = b.push_after(
-            Step::Send {
-                peer: to,
-                src: block_of(source, to),
-            },
-            &gate,
-        );
-        let recv = b.push_after(
-            Step::Recv {
-                peer: from,
-                dst: b.output(from * blk, blk),
-            },
-            &gate,
-        );
+        let send = b.push_after(Step::Send { peer: to, src: block_of(source, to) }, &gate);
+        let recv = b.push_after(Step::Recv { peer: from, dst: b.output(from * blk, blk) }, &gate);
         steps.push((send, recv));
     }
     b.build()
@@ -64,20 +45,8 @@ pub fn barrier(p: &Plan) -> Schedule {
     let mut prev: Vec<u32> = Vec::new();
     let mut k = 1;
     while k < n {
-        let send = b.push_after(
-            Step::Send {
-                peer: (r + k) % n,
-                src: empty,
-            },
-            &prev,
-        );
-        let recv = b.push_after(
-            Step::Recv {
-                peer: (r + n - k) % n,
-                dst: empty,
-            },
-            &prev,
-        );
+        let send = b.push_after(Step::Send { peer: (r + k) % n, src: empty }, &prev);
+        let recv = b.push_after(Step::Recv { peer: (r + n - k) % n, dst: empty }, &prev);
         prev = vec![send, recv];
         k <<= 1;
     }
@@ -89,7 +58,14 @@ pub fn send_recv(p: &Plan) -> Schedule {
     let bytes = p.count * p.elem;
     let mut b = p.builder(0);
     if p.p2p_send {
-        let src = b.input(0, bytes);
+        let mut src = b.input(0, bytes);
+        if b.in_place() && p.p2p_recv {
+            // The receive overwrites what is being sent, and a rendezvous transport completes
+            // the send only once the peer receives: stage the outgoing data first.
+            let staged = b.scratch(bytes);
+            b.push(Step::Copy { dst: staged, src });
+            src = staged;
+        }
         b.push(Step::Send { peer: p.root, src });
     }
     if p.p2p_recv {

@@ -57,14 +57,8 @@ impl Collective {
     /// Parses a collective name (`all_reduce` and `all2all` spellings accepted).
     pub fn parse(name: &str) -> Option<Collective> {
         let n = name.to_ascii_lowercase().replace(['_', '-'], "");
-        let n = if n == "all2all" {
-            "alltoall".to_string()
-        } else {
-            n
-        };
-        Collective::ALL
-            .into_iter()
-            .find(|c| c.name().replace('_', "") == n)
+        let n = if n == "all2all" { "alltoall".to_string() } else { n };
+        Collective::ALL.into_iter().find(|c| c.name().replace('_', "") == n)
     }
 
     /// Decodes a wire code.
@@ -184,14 +178,12 @@ impl AlgoChoice {
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (coll, algo) = match item.split_once('=') {
                 Some((c, a)) => {
-                    let coll =
-                        Collective::parse(c).ok_or_else(|| format!("unknown collective {c:?}"))?;
+                    let coll = Collective::parse(c).ok_or_else(|| format!("unknown collective {c:?}"))?;
                     (Some(coll), a)
                 }
                 None => (None, item),
             };
-            let algo =
-                Algorithm::parse(algo).ok_or_else(|| format!("unknown algorithm {algo:?}"))?;
+            let algo = Algorithm::parse(algo).ok_or_else(|| format!("unknown algorithm {algo:?}"))?;
             if let Some(c) = coll {
                 if !algo.supports(c) {
                     return Err(format!("algorithm {algo} does not implement {c}"));
@@ -206,11 +198,7 @@ impl AlgoChoice {
 
     /// The algorithm forced for `coll`, if any (a later entry wins).
     pub fn forced(&self, coll: Collective) -> Option<Algorithm> {
-        self.overrides
-            .iter()
-            .rev()
-            .find(|(c, a)| c.map_or(a.supports(coll), |c| c == coll))
-            .map(|(_, a)| *a)
+        self.overrides.iter().rev().find(|(c, a)| c.map_or(a.supports(coll), |c| c == coll)).map(|(_, a)| *a)
     }
 }
 
@@ -290,9 +278,7 @@ impl Plan {
             (Collective::AllToAll, _) => alltoall::all_to_all(self),
             (Collective::Barrier, _) => alltoall::barrier(self),
             (Collective::SendRecv, _) => alltoall::send_recv(self),
-            (coll, algo) => unreachable!(
-                "{algo} does not implement {coll}; choose() and AlgoChoice prevent this"
-            ),
+            (coll, algo) => unreachable!("{algo} does not implement {coll}; choose() and AlgoChoice prevent this"),
         }
     }
 

@@ -15,11 +15,7 @@ struct Fold {
 
 impl Fold {
     fn new(n: usize) -> Fold {
-        let p = if n.is_power_of_two() {
-            n
-        } else {
-            n.next_power_of_two() / 2
-        };
+        let p = if n.is_power_of_two() { n } else { n.next_power_of_two() / 2 };
         Fold { p, rem: n - p }
     }
 
@@ -59,36 +55,23 @@ fn exchange_reduce(
     let e = p.elem;
     let src_len = src.map_or(0, |s| s.len);
     let seg = p.seg_elems(src_len.max(recv_len) / e);
-    let sends: Vec<_> = src
-        .map(|_| segments(0, src_len / e, seg).collect())
-        .unwrap_or_default();
+    let sends: Vec<_> = src.map(|_| segments(0, src_len / e, seg).collect()).unwrap_or_default();
     let recvs: Vec<_> = segments(0, recv_len / e, seg).collect();
     let src = src.unwrap_or(dst);
     for g in 0..sends.len().max(recvs.len()) {
         if let Some(&(s, l)) = sends.get(g) {
-            b.push(Step::Send {
-                peer,
-                src: sub(src, s * e, l * e),
-            });
+            b.push(Step::Send { peer, src: sub(src, s * e, l * e) });
         }
         if let Some(&(s, l)) = recvs.get(g) {
             let slot = sub(slot, s * e, l * e);
             b.push(Step::Recv { peer, dst: slot });
-            b.push(Step::ReduceInto {
-                dst: sub(dst, s * e, l * e),
-                a: sub(a, s * e, l * e),
-                b: slot,
-            });
+            b.push(Step::ReduceInto { dst: sub(dst, s * e, l * e), a: sub(a, s * e, l * e), b: slot });
         }
     }
 }
 
 fn sub(r: Region, off: usize, len: usize) -> Region {
-    Region {
-        buf: r.buf,
-        off: r.off + off,
-        len,
-    }
+    Region { buf: r.buf, off: r.off + off, len }
 }
 
 /// Allreduce: `halving` selects Rabenseifner, otherwise recursive doubling.
@@ -105,15 +88,9 @@ pub fn all_reduce(p: &Plan, halving: bool) -> Schedule {
         if r % 2 == 0 {
             // Segmented exactly as the receiving half of exchange_reduce expects.
             for (s, l) in segments(0, count, p.seg_elems(count)) {
-                b.push(Step::Send {
-                    peer: r + 1,
-                    src: sub(whole_in, s * e, l * e),
-                });
+                b.push(Step::Send { peer: r + 1, src: sub(whole_in, s * e, l * e) });
             }
-            b.push(Step::Recv {
-                peer: r + 1,
-                dst: whole_out,
-            });
+            b.push(Step::Recv { peer: r + 1, dst: whole_out });
             return b.build();
         }
         let slot = b.scratch(bytes);
@@ -131,20 +108,12 @@ pub fn all_reduce(p: &Plan, halving: bool) -> Schedule {
             let mask = fold.p >> (k + 1);
             let peer = fold.real_rank(v ^ mask);
             let mid = lo + (hi - lo) / 2;
-            let (keep, give) = if v & mask == 0 {
-                ((lo, mid), (mid, hi))
-            } else {
-                ((mid, hi), (lo, mid))
-            };
+            let (keep, give) = if v & mask == 0 { ((lo, mid), (mid, hi)) } else { ((mid, hi), (lo, mid)) };
             let region = |b: &Builder, buf_is_out: bool, (s, t): (usize, usize)| {
                 if buf_is_out {
                     b.output(s * e, (t - s) * e)
                 } else {
-                    Region {
-                        off: cur.off + s * e,
-                        len: (t - s) * e,
-                        ..cur
-                    }
+                    Region { off: cur.off + s * e, len: (t - s) * e, ..cur }
                 }
             };
             let src = region(&b, false, give);
@@ -156,27 +125,14 @@ pub fn all_reduce(p: &Plan, halving: bool) -> Schedule {
             cur = whole_out;
         }
         if rounds == 0 {
-            b.push(Step::Copy {
-                dst: whole_out,
-                src: cur,
-            });
+            b.push(Step::Copy { dst: whole_out, src: cur });
         }
         let owned = b.output(lo * e, (hi - lo) * e);
         p.finish_avg(&mut b, owned);
         for &(peer, (plo, phi), keep) in history.iter().rev() {
-            let other = if keep.0 == plo {
-                (keep.1, phi)
-            } else {
-                (plo, keep.0)
-            };
-            b.push(Step::Send {
-                peer,
-                src: b.output(keep.0 * e, (keep.1 - keep.0) * e),
-            });
-            b.push(Step::Recv {
-                peer,
-                dst: b.output(other.0 * e, (other.1 - other.0) * e),
-            });
+            let other = if keep.0 == plo { (keep.1, phi) } else { (plo, keep.0) };
+            b.push(Step::Send { peer, src: b.output(keep.0 * e, (keep.1 - keep.0) * e) });
+            b.push(Step::Recv { peer, dst: b.output(other.0 * e, (other.1 - other.0) * e) });
         }
     } else {
         let slot = b.scratch(bytes);
@@ -186,18 +142,12 @@ pub fn all_reduce(p: &Plan, halving: bool) -> Schedule {
             cur = whole_out;
         }
         if rounds == 0 {
-            b.push(Step::Copy {
-                dst: whole_out,
-                src: cur,
-            });
+            b.push(Step::Copy { dst: whole_out, src: cur });
         }
         p.finish_avg(&mut b, whole_out);
     }
     if r < 2 * fold.rem {
-        b.push(Step::Send {
-            peer: r - 1,
-            src: whole_out,
-        });
+        b.push(Step::Send { peer: r - 1, src: whole_out });
     }
     b.build()
 }

@@ -16,10 +16,7 @@ struct Slots {
 
 impl Slots {
     fn new(b: &mut Builder, len: usize) -> Slots {
-        Slots {
-            regions: (0..SLOTS).map(|_| b.scratch(len)).collect(),
-            next: 0,
-        }
+        Slots { regions: (0..SLOTS).map(|_| b.scratch(len)).collect(), next: 0 }
     }
 
     fn take(&mut self, len: usize) -> Region {
@@ -53,19 +50,12 @@ pub fn all_reduce(p: &Plan) -> Schedule {
         let recvs: Vec<_> = segments(r_start, r_len, seg).collect();
         for g in 0..sends.len().max(recvs.len()) {
             if let Some(&(start, len)) = sends.get(g) {
-                let src = if s == 0 {
-                    b.input(start * e, len * e)
-                } else {
-                    out(&b, start, len)
-                };
+                let src = if s == 0 { b.input(start * e, len * e) } else { out(&b, start, len) };
                 b.push(Step::Send { peer: right, src });
             }
             if let Some(&(start, len)) = recvs.get(g) {
                 let slot = slots.take(len * e);
-                b.push(Step::Recv {
-                    peer: left,
-                    dst: slot,
-                });
+                b.push(Step::Recv { peer: left, dst: slot });
                 let (dst, a) = (out(&b, start, len), b.input(start * e, len * e));
                 b.push(Step::ReduceInto { dst, a, b: slot });
             }
@@ -101,8 +91,7 @@ pub fn reduce_scatter(p: &Plan) -> Schedule {
     let (n, r, e, count) = (p.nranks, p.rank, p.elem, p.count);
     let mut b = p.builder(0);
     let out_base = if p.in_place { r * count * e } else { 0 };
-    let input =
-        |b: &Builder, blk: usize, s: usize, len: usize| b.input((blk * count + s) * e, len * e);
+    let input = |b: &Builder, blk: usize, s: usize, len: usize| b.input((blk * count + s) * e, len * e);
     if n == 1 {
         let (src, dst) = (input(&b, 0, 0, count), b.output(out_base, count * e));
         b.push(Step::Copy { dst, src });
@@ -121,25 +110,14 @@ pub fn reduce_scatter(p: &Plan) -> Schedule {
         let last = s == n - 2;
         let mut next = Vec::new();
         for (g, (start, len)) in segments(0, count, seg).enumerate() {
-            let src = if s == 0 {
-                input(&b, sb, start, len)
-            } else {
-                carried[g]
-            };
+            let src = if s == 0 { input(&b, sb, start, len) } else { carried[g] };
             b.push(Step::Send { peer: right, src });
             let slot = slots.take(len * e);
-            b.push(Step::Recv {
-                peer: left,
-                dst: slot,
-            });
+            b.push(Step::Recv { peer: left, dst: slot });
             let dst = if last {
                 b.output(out_base + start * e, len * e)
             } else {
-                Region {
-                    off: accs[s % 2].off + start * e,
-                    len: len * e,
-                    ..accs[s % 2]
-                }
+                Region { off: accs[s % 2].off + start * e, len: len * e, ..accs[s % 2] }
             };
             let a = input(&b, rb, start, len);
             b.push(Step::ReduceInto { dst, a, b: slot });
@@ -157,8 +135,7 @@ pub fn reduce_scatter(p: &Plan) -> Schedule {
 pub fn all_gather(p: &Plan) -> Schedule {
     let (n, r, e, count) = (p.nranks, p.rank, p.elem, p.count);
     let mut b = p.builder(r * count * e);
-    let out =
-        |b: &Builder, blk: usize, s: usize, len: usize| b.output((blk * count + s) * e, len * e);
+    let out = |b: &Builder, blk: usize, s: usize, len: usize| b.output((blk * count + s) * e, len * e);
     let (src, dst) = (b.input(0, count * e), out(&b, r, 0, count));
     b.push(Step::Copy { dst, src });
     if n == 1 {
@@ -169,11 +146,7 @@ pub fn all_gather(p: &Plan) -> Schedule {
     for s in 0..n - 1 {
         let (sb, rb) = ((r + n - s) % n, (r + 2 * n - s - 1) % n);
         for (start, len) in segments(0, count, seg) {
-            let src = if s == 0 {
-                b.input(start * e, len * e)
-            } else {
-                out(&b, sb, start, len)
-            };
+            let src = if s == 0 { b.input(start * e, len * e) } else { out(&b, sb, start, len) };
             b.push(Step::Send { peer: right, src });
             let dst = out(&b, rb, start, len);
             b.push(Step::Recv { peer: left, dst });

@@ -66,9 +66,7 @@ impl Step {
         match *self {
             Step::Send { .. } => None,
             Step::Recv { dst, .. } => Some(dst),
-            Step::Reduce { dst, .. } | Step::ReduceInto { dst, .. } | Step::Copy { dst, .. } => {
-                Some(dst)
-            }
+            Step::Reduce { dst, .. } | Step::ReduceInto { dst, .. } | Step::Copy { dst, .. } => Some(dst),
             Step::Divide { buf } => Some(buf),
         }
         .filter(|r| r.len > 0)
@@ -110,49 +108,27 @@ impl Builder {
     /// starting at byte `off`, and [`Builder::input`] regions are addressed there so that the
     /// inferred dependencies see the aliasing.
     pub fn new(in_place_shift: Option<usize>) -> Builder {
-        Builder {
-            steps: Vec::new(),
-            deps: Vec::new(),
-            accesses: Vec::new(),
-            scratch_len: 0,
-            in_place_shift,
-        }
+        Builder { steps: Vec::new(), deps: Vec::new(), accesses: Vec::new(), scratch_len: 0, in_place_shift }
     }
 
     /// A region of the input buffer.
     pub fn input(&self, off: usize, len: usize) -> Region {
         match self.in_place_shift {
-            Some(shift) => Region {
-                buf: Buf::Output,
-                off: off + shift,
-                len,
-            },
-            None => Region {
-                buf: Buf::Input,
-                off,
-                len,
-            },
+            Some(shift) => Region { buf: Buf::Output, off: off + shift, len },
+            None => Region { buf: Buf::Input, off, len },
         }
     }
 
     /// A region of the output buffer.
     pub fn output(&self, off: usize, len: usize) -> Region {
-        Region {
-            buf: Buf::Output,
-            off,
-            len,
-        }
+        Region { buf: Buf::Output, off, len }
     }
 
     /// Reserves `len` bytes of scratch (64-byte aligned).
     pub fn scratch(&mut self, len: usize) -> Region {
         let off = self.scratch_len.next_multiple_of(64);
         self.scratch_len = off + len;
-        Region {
-            buf: Buf::Scratch,
-            off,
-            len,
-        }
+        Region { buf: Buf::Scratch, off, len }
     }
 
     /// Whether the call is in place.
@@ -177,8 +153,8 @@ impl Builder {
         let mut deps: Vec<u32> = extra.to_vec();
         let writes = step.writes();
         for &(other, region, is_write) in &self.accesses {
-            let conflict = step.reads().any(|r| is_write && r.overlaps(&region))
-                || writes.is_some_and(|w| w.overlaps(&region));
+            let conflict =
+                step.reads().any(|r| is_write && r.overlaps(&region)) || writes.is_some_and(|w| w.overlaps(&region));
             if conflict {
                 deps.push(other);
             }
@@ -188,9 +164,7 @@ impl Builder {
         // A write supersedes earlier accesses it fully covers: later steps depend on it alone,
         // which keeps the access list (and dependency lists) short.
         if let Some(w) = writes {
-            self.accesses.retain(|(_, r, _)| {
-                !(r.buf == w.buf && r.off >= w.off && r.off + r.len <= w.off + w.len)
-            });
+            self.accesses.retain(|(_, r, _)| !(r.buf == w.buf && r.off >= w.off && r.off + r.len <= w.off + w.len));
             self.accesses.push((id, w, true));
         }
         for r in step.reads() {
@@ -204,15 +178,8 @@ impl Builder {
     /// A copy onto itself is nothing to do; returns the latest of `extra` (or a no-op marker).
     fn push_after_nothing(&mut self, extra: &[u32]) -> u32 {
         let id = self.steps.len() as u32;
-        let region = Region {
-            buf: Buf::Scratch,
-            off: 0,
-            len: 0,
-        };
-        self.steps.push(Step::Copy {
-            dst: region,
-            src: region,
-        });
+        let region = Region { buf: Buf::Scratch, off: 0, len: 0 };
+        self.steps.push(Step::Copy { dst: region, src: region });
         self.deps.push(extra.to_vec());
         id
     }
@@ -228,12 +195,7 @@ impl Builder {
                 dependents[d as usize].push(i as u32);
             }
         }
-        Schedule {
-            steps: self.steps,
-            dep_count,
-            dependents,
-            scratch_len: self.scratch_len,
-        }
+        Schedule { steps: self.steps, dep_count, dependents, scratch_len: self.scratch_len }
     }
 }
 
@@ -247,11 +209,7 @@ pub fn block(count: usize, parts: usize, index: usize) -> (usize, usize) {
 
 /// Cuts `len` elements starting at element `start` into pipeline segments of about
 /// `seg_elems`; yields (first element, elements). Always yields at least one segment.
-pub fn segments(
-    start: usize,
-    len: usize,
-    seg_elems: usize,
-) -> impl Iterator<Item = (usize, usize)> {
+pub fn segments(start: usize, len: usize, seg_elems: usize) -> impl Iterator<Item = (usize, usize)> {
     let seg = seg_elems.max(1);
     let n = len.div_ceil(seg).max(1);
     (0..n).map(move |i| {
@@ -285,11 +243,7 @@ mod tests {
         let slot = b.scratch(16);
         let out = b.output(0, 16);
         let recv = b.push(Step::Recv { peer: 1, dst: slot });
-        let red = b.push(Step::ReduceInto {
-            dst: out,
-            a: b.input(0, 16),
-            b: slot,
-        });
+        let red = b.push(Step::ReduceInto { dst: out, a: b.input(0, 16), b: slot });
         let send = b.push(Step::Send { peer: 1, src: out });
         let recv2 = b.push(Step::Recv { peer: 1, dst: slot });
         let s = b.build();

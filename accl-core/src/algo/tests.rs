@@ -10,10 +10,7 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
     let n = plans.len();
     let scheds: Vec<Schedule> = plans.iter().map(Plan::schedule).collect();
     let mut output: Vec<Vec<u8>> = (0..n).map(|_| vec![0u8; out_len * 8]).collect();
-    let input: Vec<Vec<u8>> = inputs
-        .iter()
-        .map(|v| v.iter().flat_map(|x| x.to_ne_bytes()).collect())
-        .collect();
+    let input: Vec<Vec<u8>> = inputs.iter().map(|v| v.iter().flat_map(|x| x.to_ne_bytes()).collect()).collect();
     for r in 0..n {
         if plans[r].in_place {
             // The caller's data sits in the output buffer (at the collective's offset).
@@ -48,19 +45,15 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
                 if blocked {
                     continue;
                 }
-                let read =
-                    |reg: Region, output: &Vec<Vec<u8>>, scratch: &Vec<Vec<u8>>| -> Vec<u8> {
-                        let buf = match reg.buf {
-                            Buf::Input => &input[r],
-                            Buf::Output => &output[r],
-                            Buf::Scratch => &scratch[r],
-                        };
-                        buf[reg.off..reg.off + reg.len].to_vec()
+                let read = |reg: Region, output: &Vec<Vec<u8>>, scratch: &Vec<Vec<u8>>| -> Vec<u8> {
+                    let buf = match reg.buf {
+                        Buf::Input => &input[r],
+                        Buf::Output => &output[r],
+                        Buf::Scratch => &scratch[r],
                     };
-                let mut write = |reg: Region,
-                                 data: &[u8],
-                                 output: &mut Vec<Vec<u8>>,
-                                 scratch: &mut Vec<Vec<u8>>| {
+                    buf[reg.off..reg.off + reg.len].to_vec()
+                };
+                let mut write = |reg: Region, data: &[u8], output: &mut Vec<Vec<u8>>, scratch: &mut Vec<Vec<u8>>| {
                     let buf = match reg.buf {
                         Buf::Input => panic!("rank {r} step {i} writes its input"),
                         Buf::Output => &mut output[r],
@@ -79,18 +72,12 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
                         .collect()
                 };
                 match s.steps[i] {
-                    Step::Send { peer, src } => {
-                        net[r][peer].push_back(read(src, &output, &scratch))
-                    }
+                    Step::Send { peer, src } => net[r][peer].push_back(read(src, &output, &scratch)),
                     Step::Recv { peer, dst } => {
                         let Some(msg) = net[peer][r].pop_front() else {
                             continue;
                         };
-                        assert_eq!(
-                            msg.len(),
-                            dst.len,
-                            "rank {r} step {i}: message from {peer} has the wrong length"
-                        );
+                        assert_eq!(msg.len(), dst.len, "rank {r} step {i}: message from {peer} has the wrong length");
                         write(dst, &msg, &mut output, &mut scratch);
                     }
                     Step::Reduce { dst, src } => {
@@ -108,9 +95,7 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
                     Step::Divide { buf } => {
                         let v: Vec<u8> = read(buf, &output, &scratch)
                             .chunks(8)
-                            .flat_map(|x| {
-                                (u64::from_ne_bytes(x.try_into().unwrap()) / n as u64).to_ne_bytes()
-                            })
+                            .flat_map(|x| (u64::from_ne_bytes(x.try_into().unwrap()) / n as u64).to_ne_bytes())
                             .collect();
                         write(buf, &v, &mut output, &mut scratch);
                     }
@@ -132,24 +117,10 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
             assert!(b.is_empty(), "rank {r} left a message for {a} unreceived");
         }
     }
-    output
-        .into_iter()
-        .map(|o| {
-            o.chunks(8)
-                .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
-                .collect()
-        })
-        .collect()
+    output.into_iter().map(|o| o.chunks(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect()).collect()
 }
 
-fn plan(
-    coll: Collective,
-    algo: Algorithm,
-    rank: usize,
-    nranks: usize,
-    count: usize,
-    in_place: bool,
-) -> Plan {
+fn plan(coll: Collective, algo: Algorithm, rank: usize, nranks: usize, count: usize, in_place: bool) -> Plan {
     Plan {
         coll,
         algo,
@@ -176,29 +147,17 @@ const COUNTS: [usize; 6] = [0, 1, 3, 8, 37, 100];
 
 #[test]
 fn all_reduce_every_algorithm() {
-    for algo in [
-        Algorithm::Ring,
-        Algorithm::HalvingDoubling,
-        Algorithm::RecursiveDoubling,
-    ] {
+    for algo in [Algorithm::Ring, Algorithm::HalvingDoubling, Algorithm::RecursiveDoubling] {
         for n in 1..=9 {
             for count in COUNTS {
                 for in_place in [false, true] {
-                    let plans: Vec<_> = (0..n)
-                        .map(|r| plan(Collective::AllReduce, algo, r, n, count, in_place))
-                        .collect();
-                    let inputs: Vec<Vec<u64>> = (0..n)
-                        .map(|r| (0..count).map(|i| value(r, i)).collect())
-                        .collect();
+                    let plans: Vec<_> =
+                        (0..n).map(|r| plan(Collective::AllReduce, algo, r, n, count, in_place)).collect();
+                    let inputs: Vec<Vec<u64>> = (0..n).map(|r| (0..count).map(|i| value(r, i)).collect()).collect();
                     let out = simulate(&plans, &inputs, count);
-                    let want: Vec<u64> = (0..count)
-                        .map(|i| (0..n).map(|r| value(r, i)).sum())
-                        .collect();
+                    let want: Vec<u64> = (0..count).map(|i| (0..n).map(|r| value(r, i)).sum()).collect();
                     for (r, o) in out.iter().enumerate() {
-                        assert_eq!(
-                            o, &want,
-                            "{algo} n={n} count={count} in_place={in_place} rank {r}"
-                        );
+                        assert_eq!(o, &want, "{algo} n={n} count={count} in_place={in_place} rank {r}");
                     }
                 }
             }
@@ -213,20 +172,13 @@ fn reduce_and_broadcast_by_tree_and_chain() {
             for count in COUNTS {
                 for in_place in [false, true] {
                     let root = n / 2;
-                    let inputs: Vec<Vec<u64>> = (0..n)
-                        .map(|r| (0..count).map(|i| value(r, i)).collect())
-                        .collect();
-                    let plans: Vec<_> = (0..n)
-                        .map(|r| plan(Collective::Reduce, algo, r, n, count, in_place))
-                        .collect();
+                    let inputs: Vec<Vec<u64>> = (0..n).map(|r| (0..count).map(|i| value(r, i)).collect()).collect();
+                    let plans: Vec<_> = (0..n).map(|r| plan(Collective::Reduce, algo, r, n, count, in_place)).collect();
                     let out = simulate(&plans, &inputs, count);
-                    let want: Vec<u64> = (0..count)
-                        .map(|i| (0..n).map(|r| value(r, i)).sum())
-                        .collect();
+                    let want: Vec<u64> = (0..count).map(|i| (0..n).map(|r| value(r, i)).sum()).collect();
                     assert_eq!(out[root], want, "reduce {algo} n={n} count={count}");
-                    let plans: Vec<_> = (0..n)
-                        .map(|r| plan(Collective::Broadcast, algo, r, n, count, in_place))
-                        .collect();
+                    let plans: Vec<_> =
+                        (0..n).map(|r| plan(Collective::Broadcast, algo, r, n, count, in_place)).collect();
                     let out = simulate(&plans, &inputs, count);
                     for o in &out {
                         assert_eq!(o, &inputs[root], "broadcast {algo} n={n} count={count}");
@@ -242,98 +194,36 @@ fn gather_scatter_alltoall_barrier() {
     for n in 1..=9 {
         for count in COUNTS {
             for in_place in [false, true] {
-                let plans: Vec<_> = (0..n)
-                    .map(|r| {
-                        plan(
-                            Collective::AllGather,
-                            Algorithm::Ring,
-                            r,
-                            n,
-                            count,
-                            in_place,
-                        )
-                    })
-                    .collect();
-                let inputs: Vec<Vec<u64>> = (0..n)
-                    .map(|r| (0..count).map(|i| value(r, i)).collect())
-                    .collect();
+                let plans: Vec<_> =
+                    (0..n).map(|r| plan(Collective::AllGather, Algorithm::Ring, r, n, count, in_place)).collect();
+                let inputs: Vec<Vec<u64>> = (0..n).map(|r| (0..count).map(|i| value(r, i)).collect()).collect();
                 let out = simulate(&plans, &inputs, n * count);
                 let want: Vec<u64> = inputs.concat();
                 for o in &out {
-                    assert_eq!(
-                        o, &want,
-                        "allgather n={n} count={count} in_place={in_place}"
-                    );
+                    assert_eq!(o, &want, "allgather n={n} count={count} in_place={in_place}");
                 }
 
-                let plans: Vec<_> = (0..n)
-                    .map(|r| {
-                        plan(
-                            Collective::ReduceScatter,
-                            Algorithm::Ring,
-                            r,
-                            n,
-                            count,
-                            in_place,
-                        )
-                    })
-                    .collect();
-                let inputs: Vec<Vec<u64>> = (0..n)
-                    .map(|r| (0..n * count).map(|i| value(r, i)).collect())
-                    .collect();
+                let plans: Vec<_> =
+                    (0..n).map(|r| plan(Collective::ReduceScatter, Algorithm::Ring, r, n, count, in_place)).collect();
+                let inputs: Vec<Vec<u64>> = (0..n).map(|r| (0..n * count).map(|i| value(r, i)).collect()).collect();
                 let out = simulate(&plans, &inputs, if in_place { n * count } else { count });
                 for (r, o) in out.iter().enumerate() {
-                    let want: Vec<u64> = (0..count)
-                        .map(|i| (0..n).map(|q| value(q, r * count + i)).sum())
-                        .collect();
-                    let got = if in_place {
-                        &o[r * count..(r + 1) * count]
-                    } else {
-                        &o[..]
-                    };
-                    assert_eq!(
-                        got,
-                        &want[..],
-                        "reduce_scatter n={n} count={count} in_place={in_place} rank {r}"
-                    );
+                    let want: Vec<u64> = (0..count).map(|i| (0..n).map(|q| value(q, r * count + i)).sum()).collect();
+                    let got = if in_place { &o[r * count..(r + 1) * count] } else { &o[..] };
+                    assert_eq!(got, &want[..], "reduce_scatter n={n} count={count} in_place={in_place} rank {r}");
                 }
 
-                let plans: Vec<_> = (0..n)
-                    .map(|r| {
-                        plan(
-                            Collective::AllToAll,
-                            Algorithm::Pairwise,
-                            r,
-                            n,
-                            count,
-                            in_place,
-                        )
-                    })
-                    .collect();
+                let plans: Vec<_> =
+                    (0..n).map(|r| plan(Collective::AllToAll, Algorithm::Pairwise, r, n, count, in_place)).collect();
                 let out = simulate(&plans, &inputs, n * count);
                 for (r, o) in out.iter().enumerate() {
-                    let want: Vec<u64> = (0..n)
-                        .flat_map(|q| inputs[q][r * count..(r + 1) * count].to_vec())
-                        .collect();
-                    assert_eq!(
-                        o, &want,
-                        "alltoall n={n} count={count} in_place={in_place} rank {r}"
-                    );
+                    let want: Vec<u64> = (0..n).flat_map(|q| inputs[q][r * count..(r + 1) * count].to_vec()).collect();
+                    assert_eq!(o, &want, "alltoall n={n} count={count} in_place={in_place} rank {r}");
                 }
             }
         }
-        let plans: Vec<_> = (0..n)
-            .map(|r| {
-                plan(
-                    Collective::Barrier,
-                    Algorithm::Dissemination,
-                    r,
-                    n,
-                    0,
-                    false,
-                )
-            })
-            .collect();
+        let plans: Vec<_> =
+            (0..n).map(|r| plan(Collective::Barrier, Algorithm::Dissemination, r, n, 0, false)).collect();
         simulate(&plans, &vec![Vec::new(); n], 0);
     }
 }

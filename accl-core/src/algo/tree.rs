@@ -14,11 +14,7 @@ fn topology(v: usize, n: usize, chain: bool) -> (Option<usize>, Vec<usize>) {
         return (parent, child.into_iter().collect());
     }
     // Binomial tree: the parent clears v's lowest set bit; the children set lower bits.
-    let low = if v == 0 {
-        n.next_power_of_two()
-    } else {
-        1 << v.trailing_zeros()
-    };
+    let low = if v == 0 { n.next_power_of_two() } else { 1 << v.trailing_zeros() };
     let parent = (v != 0).then(|| v - low);
     let mut children = Vec::new();
     let mut m = low >> 1;
@@ -47,20 +43,14 @@ pub fn broadcast(p: &Plan, chain: bool) -> Schedule {
         let here = match parent {
             Some(par) => {
                 let dst = b.output(s * e, l * e);
-                b.push(Step::Recv {
-                    peer: real(par),
-                    dst,
-                });
+                b.push(Step::Recv { peer: real(par), dst });
                 dst
             }
             // The root forwards from its input, so sends need not wait for the local copy.
             None => b.input(s * e, l * e),
         };
         for &c in &children {
-            b.push(Step::Send {
-                peer: real(c),
-                src: here,
-            });
+            b.push(Step::Send { peer: real(c), src: here });
         }
     }
     b.build()
@@ -77,48 +67,27 @@ pub fn reduce(p: &Plan, chain: bool) -> Schedule {
     let slots: Vec<_> = (0..4).map(|_| b.scratch(seg * e)).collect();
     let mut next_slot = 0;
     // Non-root ranks accumulate in scratch; the root in its output.
-    let acc_all = if parent.is_none() {
-        b.output(0, count * e)
-    } else {
-        b.scratch(count * e)
-    };
+    let acc_all = if parent.is_none() { b.output(0, count * e) } else { b.scratch(count * e) };
     for (s, l) in segments(0, count, seg) {
         let input = b.input(s * e, l * e);
-        let acc = super::Region {
-            off: acc_all.off + s * e,
-            len: l * e,
-            ..acc_all
-        };
+        let acc = super::Region { off: acc_all.off + s * e, len: l * e, ..acc_all };
         let mut have = input;
         // Smallest subtrees first: they finish first.
         for &c in children.iter().rev() {
             let mut slot = slots[next_slot % slots.len()];
             next_slot += 1;
             slot.len = l * e;
-            b.push(Step::Recv {
-                peer: real(c),
-                dst: slot,
-            });
-            b.push(Step::ReduceInto {
-                dst: acc,
-                a: have,
-                b: slot,
-            });
+            b.push(Step::Recv { peer: real(c), dst: slot });
+            b.push(Step::ReduceInto { dst: acc, a: have, b: slot });
             have = acc;
         }
         match parent {
             Some(par) => {
-                b.push(Step::Send {
-                    peer: real(par),
-                    src: have,
-                });
+                b.push(Step::Send { peer: real(par), src: have });
             }
             None => {
                 if have != acc {
-                    b.push(Step::Copy {
-                        dst: acc,
-                        src: have,
-                    });
+                    b.push(Step::Copy { dst: acc, src: have });
                 }
                 p.finish_avg(&mut b, acc);
             }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{
-    Connecting, Doorbell, Header, LaneError, LaneSetup, Listener, MemoryRegion, Provider, RecvLane,
-    SendLane, WaitSource,
+    Connecting, Doorbell, Header, LaneError, LaneSetup, Listener, MemoryRegion, Provider, RecvLane, SendLane,
+    WaitSource,
 };
 use crate::error::{Error, Result};
 
@@ -36,9 +36,7 @@ pub struct MemProvider {
 impl MemProvider {
     /// A provider with a fresh doorbell for its rank.
     pub fn new() -> MemProvider {
-        MemProvider {
-            bell: Doorbell::new(),
-        }
+        MemProvider { bell: Doorbell::new() }
     }
 }
 
@@ -60,10 +58,7 @@ impl Provider for MemProvider {
 
     fn listen(&self) -> Result<Box<dyn Listener>> {
         let id = NEXT_LISTENER.fetch_add(1, Ordering::Relaxed);
-        let shared = Arc::new(ListenerShared {
-            bell: self.bell.clone(),
-            incoming: Mutex::new(VecDeque::new()),
-        });
+        let shared = Arc::new(ListenerShared { bell: self.bell.clone(), incoming: Mutex::new(VecDeque::new()) });
         lock(registry()).insert(id, shared.clone());
         Ok(Box::new(MemListener { id, shared }))
     }
@@ -74,7 +69,12 @@ impl Provider for MemProvider {
             .ok()
             .map(u64::from_le_bytes)
             .and_then(|id| lock(registry()).get(&id).cloned())
-            .ok_or_else(|| Error::InvalidArgument(format!("rank {}: no in-process listener for rank {} (mem transport needs all ranks in one process)", setup.rank, setup.peer)))?;
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "rank {}: no in-process listener for rank {} (mem transport needs all ranks in one process)",
+                    setup.rank, setup.peer
+                ))
+            })?;
         let channel = Arc::new(Channel {
             state: Mutex::new(ChannelState::default()),
             sender_bell: self.bell.clone(),
@@ -82,13 +82,7 @@ impl Provider for MemProvider {
         });
         lock(&id.incoming).push_back((*setup, channel.clone()));
         id.bell.ring();
-        Ok(Box::new(MemConnecting {
-            lane: Some(MemSendLane {
-                channel,
-                posted: 0,
-                completed: 0,
-            }),
-        }))
+        Ok(Box::new(MemConnecting { lane: Some(MemSendLane { channel, posted: 0, completed: 0 }) }))
     }
 
     fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
@@ -113,17 +107,9 @@ impl Listener for MemListener {
     }
 
     fn accept(&mut self) -> Result<Option<(LaneSetup, Box<dyn RecvLane>)>> {
-        Ok(lock(&self.shared.incoming)
-            .pop_front()
-            .map(|(setup, channel)| {
-                (
-                    setup,
-                    Box::new(MemRecvLane {
-                        channel,
-                        posted: VecDeque::new(),
-                    }) as Box<dyn RecvLane>,
-                )
-            }))
+        Ok(lock(&self.shared.incoming).pop_front().map(|(setup, channel)| {
+            (setup, Box::new(MemRecvLane { channel, posted: VecDeque::new() }) as Box<dyn RecvLane>)
+        }))
     }
 
     fn wait_sources(&self) -> Vec<WaitSource> {
@@ -192,15 +178,9 @@ impl SendLane for MemSendLane {
         {
             let mut st = lock(&self.channel.state);
             if st.receiver_closed {
-                return Err(LaneError::Closed(
-                    "the receiving rank closed the connection".into(),
-                ));
+                return Err(LaneError::Closed("the receiving rank closed the connection".into()));
             }
-            st.sends.push_back(SendDesc {
-                header: *header,
-                data: data as usize,
-                len,
-            });
+            st.sends.push_back(SendDesc { header: *header, data: data as usize, len });
         }
         self.posted += 1;
         self.channel.receiver_bell.ring();
@@ -212,9 +192,7 @@ impl SendLane for MemSendLane {
         let newly = st.completed - self.completed;
         self.completed = st.completed;
         if newly == 0 && self.posted > self.completed && st.receiver_closed {
-            return Err(LaneError::Closed(
-                "the receiving rank closed the connection".into(),
-            ));
+            return Err(LaneError::Closed("the receiving rank closed the connection".into()));
         }
         Ok(newly as usize)
     }
@@ -229,9 +207,7 @@ impl SendLane for MemSendLane {
             return Err(LaneError::Notice(n));
         }
         if st.receiver_closed && self.posted > st.completed {
-            return Err(LaneError::Closed(
-                "the receiving rank closed the connection".into(),
-            ));
+            return Err(LaneError::Closed("the receiving rank closed the connection".into()));
         }
         Ok(())
     }
@@ -271,24 +247,17 @@ impl RecvLane for MemRecvLane {
         while let Some(&(expect, dst, len)) = self.posted.front() {
             let Some(send) = st.sends.front().copied() else {
                 if st.sender_closed {
-                    return Err(LaneError::Closed(
-                        "the sending rank closed the connection".into(),
-                    ));
+                    return Err(LaneError::Closed("the sending rank closed the connection".into()));
                 }
                 break;
             };
             if send.header != expect || send.len != len {
-                return Err(LaneError::Mismatch {
-                    expected: expect,
-                    got: send.header,
-                });
+                return Err(LaneError::Mismatch { expected: expect, got: send.header });
             }
             if len > 0 {
                 // SAFETY: the sender keeps `send.data` valid until it sees the completion below;
                 // the receiver owns `dst` for `len` bytes until this receive completes.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(send.data as *const u8, dst as *mut u8, len)
-                };
+                unsafe { std::ptr::copy_nonoverlapping(send.data as *const u8, dst as *mut u8, len) };
             }
             st.sends.pop_front();
             st.completed += 1;
@@ -309,9 +278,7 @@ impl RecvLane for MemRecvLane {
     fn check_peer(&mut self) -> Result<(), LaneError> {
         let st = lock(&self.channel.state);
         if st.sender_closed && st.sends.is_empty() {
-            return Err(LaneError::Closed(
-                "the sending rank closed the connection".into(),
-            ));
+            return Err(LaneError::Closed("the sending rank closed the connection".into()));
         }
         Ok(())
     }

@@ -205,10 +205,6 @@ impl Doorbell {
     /// Sleeps until the count differs from `seen` or `timeout` passes.
     pub fn wait(&self, seen: u64, timeout: Duration) {
         let rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
-        drop(
-            self.cond
-                .wait_timeout_while(rings, timeout, |r| *r == seen)
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        drop(self.cond.wait_timeout_while(rings, timeout, |r| *r == seen).unwrap_or_else(|e| e.into_inner()));
     }
 }

@@ -14,8 +14,8 @@ use std::os::fd::AsRawFd;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{
-    Connecting, Header, LaneError, LaneSetup, Listener, MemoryRegion, Provider, RecvLane, SendLane,
-    WaitSource, HEADER_LEN,
+    Connecting, Header, LaneError, LaneSetup, Listener, MemoryRegion, Provider, RecvLane, SendLane, WaitSource,
+    HEADER_LEN,
 };
 use crate::addr::{format_socket_addr, parse_socket_addr};
 use crate::error::{Error, Result};
@@ -60,17 +60,12 @@ impl Provider for TcpProvider {
     fn listen(&self) -> Result<Box<dyn Listener>> {
         let addr = self.listen;
         let ctx = |e| Error::io(format!("listen on {}", format_socket_addr(&addr)), e);
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-            .map_err(ctx)?;
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(ctx)?;
         sock.set_reuse_address(true).map_err(ctx)?;
         sock.bind(&addr.into()).map_err(ctx)?;
         sock.listen(4096).map_err(ctx)?;
         sock.set_nonblocking(true).map_err(ctx)?;
-        let local = sock
-            .local_addr()
-            .map_err(ctx)?
-            .as_socket()
-            .expect("inet socket");
+        let local = sock.local_addr().map_err(ctx)?.as_socket().expect("inet socket");
         Ok(Box::new(TcpListener {
             sock,
             handle: format_socket_addr(&local).into_bytes(),
@@ -90,16 +85,9 @@ impl Provider for TcpProvider {
             }
         }
         let ctx = |e| {
-            Error::io(
-                format!(
-                    "rank {}: connect lane {} to rank {} at {text}",
-                    setup.rank, setup.lane, setup.peer
-                ),
-                e,
-            )
+            Error::io(format!("rank {}: connect lane {} to rank {} at {text}", setup.rank, setup.lane, setup.peer), e)
         };
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-            .map_err(ctx)?;
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(ctx)?;
         self.tune(&sock).map_err(ctx)?;
         if setup.flow_label != 0 {
             if let SocketAddr::V6(v6) = &mut addr {
@@ -112,8 +100,7 @@ impl Provider for TcpProvider {
                         e,
                     )
                 })?;
-                *v6 =
-                    SocketAddrV6::new(*v6.ip(), v6.port(), setup.flow_label.to_be(), v6.scope_id());
+                *v6 = SocketAddrV6::new(*v6.ip(), v6.port(), setup.flow_label.to_be(), v6.scope_id());
                 // sin6_flowinfo is read in network order by the kernel; SocketAddrV6 stores it as
                 // given, so pass it pre-swapped.
             }
@@ -121,9 +108,7 @@ impl Provider for TcpProvider {
         sock.set_nonblocking(true).map_err(ctx)?;
         match sock.connect(&addr.into()) {
             Ok(()) => {}
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINPROGRESS)
-                    || e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(ctx(e)),
         }
         let mut hello = [0u8; HELLO_LEN];
@@ -133,13 +118,7 @@ impl Provider for TcpProvider {
         hello[16..20].copy_from_slice(&(setup.peer as u32).to_le_bytes());
         hello[20..24].copy_from_slice(&(setup.lane as u32).to_le_bytes());
         hello[24..28].copy_from_slice(&setup.flow_label.to_le_bytes());
-        Ok(Box::new(TcpConnecting {
-            sock: Some(sock),
-            hello,
-            sent: 0,
-            setup: *setup,
-            target: text.into_owned(),
-        }))
+        Ok(Box::new(TcpConnecting { sock: Some(sock), hello, sent: 0, setup: *setup, target: text.into_owned() }))
     }
 
     fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
@@ -164,11 +143,8 @@ impl Listener for TcpListener {
         loop {
             match self.sock.accept() {
                 Ok((s, _)) => {
-                    s.set_nonblocking(true)
-                        .map_err(|e| Error::io("accepted socket", e))?;
-                    self.provider
-                        .tune(&s)
-                        .map_err(|e| Error::io("accepted socket", e))?;
+                    s.set_nonblocking(true).map_err(|e| Error::io("accepted socket", e))?;
+                    self.provider.tune(&s).map_err(|e| Error::io("accepted socket", e))?;
                     self.pending.push((s, [0; HELLO_LEN], 0));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -193,8 +169,7 @@ impl Listener for TcpListener {
             }
             if *got == HELLO_LEN {
                 let (sock, hello, _) = self.pending.swap_remove(i);
-                let word =
-                    |at: usize| u32::from_le_bytes(hello[at..at + 4].try_into().expect("4 bytes"));
+                let word = |at: usize| u32::from_le_bytes(hello[at..at + 4].try_into().expect("4 bytes"));
                 if word(0) != HELLO_MAGIC {
                     continue;
                 }
@@ -213,14 +188,8 @@ impl Listener for TcpListener {
     }
 
     fn wait_sources(&self) -> Vec<WaitSource> {
-        let mut v = vec![WaitSource::Fd {
-            fd: self.sock.as_raw_fd(),
-            events: libc::POLLIN,
-        }];
-        v.extend(self.pending.iter().map(|(s, _, _)| WaitSource::Fd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN,
-        }));
+        let mut v = vec![WaitSource::Fd { fd: self.sock.as_raw_fd(), events: libc::POLLIN }];
+        v.extend(self.pending.iter().map(|(s, _, _)| WaitSource::Fd { fd: s.as_raw_fd(), events: libc::POLLIN }));
         v
     }
 }
@@ -269,10 +238,7 @@ impl Connecting for TcpConnecting {
     }
 
     fn wait_source(&self) -> Option<WaitSource> {
-        self.sock.as_ref().map(|s| WaitSource::Fd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLOUT,
-        })
+        self.sock.as_ref().map(|s| WaitSource::Fd { fd: s.as_raw_fd(), events: libc::POLLOUT })
     }
 }
 
@@ -309,12 +275,7 @@ impl SendLane for TcpSendLane {
         if let Some(why) = &self.peer_gone {
             return Err(LaneError::Closed(why.clone()));
         }
-        self.queue.push_back(PendingSend {
-            header: *header,
-            data,
-            len,
-            done: 0,
-        });
+        self.queue.push_back(PendingSend { header: *header, data, len, done: 0 });
         Ok(())
     }
 
@@ -330,10 +291,7 @@ impl SendLane for TcpSendLane {
                 }
                 if item.done < HEADER_LEN {
                     let part = &item.header[item.done..];
-                    iov[n_iov].write(libc::iovec {
-                        iov_base: part.as_ptr() as *mut _,
-                        iov_len: part.len(),
-                    });
+                    iov[n_iov].write(libc::iovec { iov_base: part.as_ptr() as *mut _, iov_len: part.len() });
                     n_iov += 1;
                     want += part.len();
                 }
@@ -359,13 +317,7 @@ impl SendLane for TcpSendLane {
                 msg_flags: 0,
             };
             // SAFETY: valid msghdr; MSG_NOSIGNAL turns SIGPIPE into EPIPE.
-            let rc = unsafe {
-                libc::sendmsg(
-                    self.sock.as_raw_fd(),
-                    &msg,
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                )
-            };
+            let rc = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -380,10 +332,7 @@ impl SendLane for TcpSendLane {
             }
             let mut wrote = rc as usize;
             while wrote > 0 {
-                let item = self
-                    .queue
-                    .front_mut()
-                    .expect("wrote bytes for a queued item");
+                let item = self.queue.front_mut().expect("wrote bytes for a queued item");
                 let left = HEADER_LEN + item.len - item.done;
                 if wrote >= left {
                     wrote -= left;
@@ -424,8 +373,7 @@ impl SendLane for TcpSendLane {
                 Ok(n) => {
                     self.notice.extend_from_slice(&buf[..n]);
                     if self.notice.len() >= 4 {
-                        let len = u32::from_le_bytes(self.notice[..4].try_into().expect("4 bytes"))
-                            as usize;
+                        let len = u32::from_le_bytes(self.notice[..4].try_into().expect("4 bytes")) as usize;
                         if self.notice.len() >= 4 + len {
                             let body = self.notice[4..4 + len].to_vec();
                             self.peer_gone = Some("the receiving rank failed".into());
@@ -452,10 +400,7 @@ impl SendLane for TcpSendLane {
         if !self.queue.is_empty() {
             events |= libc::POLLOUT;
         }
-        (events != 0).then(|| WaitSource::Fd {
-            fd: self.sock.as_raw_fd(),
-            events,
-        })
+        (events != 0).then(|| WaitSource::Fd { fd: self.sock.as_raw_fd(), events })
     }
 
     fn flow_label(&self) -> u32 {
@@ -478,17 +423,13 @@ unsafe impl Send for PendingRecv {}
 struct TcpRecvLane {
     sock: Socket,
     queue: VecDeque<PendingRecv>,
-    /// The sender hung up but unread data remains: stop asking poll about the hang-up.
-    hangup_with_data: bool,
+    /// The sender hung up (with or without unread data left): stop asking poll about it.
+    hangup_seen: bool,
 }
 
 impl TcpRecvLane {
     fn new(sock: Socket) -> TcpRecvLane {
-        TcpRecvLane {
-            sock,
-            queue: VecDeque::new(),
-            hangup_with_data: false,
-        }
+        TcpRecvLane { sock, queue: VecDeque::new(), hangup_seen: false }
     }
 }
 
@@ -500,13 +441,7 @@ impl RecvLane for TcpRecvLane {
         len: usize,
         _mr: Option<&MemoryRegion>,
     ) -> Result<(), LaneError> {
-        self.queue.push_back(PendingRecv {
-            expect: *expect,
-            header: [0; HEADER_LEN],
-            data,
-            len,
-            done: 0,
-        });
+        self.queue.push_back(PendingRecv { expect: *expect, header: [0; HEADER_LEN], data, len, done: 0 });
         Ok(())
     }
 
@@ -528,10 +463,7 @@ impl RecvLane for TcpRecvLane {
                 }
                 if item.done < HEADER_LEN {
                     let part = &item.header[item.done..];
-                    iov[n_iov].write(libc::iovec {
-                        iov_base: part.as_ptr() as *mut _,
-                        iov_len: part.len(),
-                    });
+                    iov[n_iov].write(libc::iovec { iov_base: part.as_ptr() as *mut _, iov_len: part.len() });
                     n_iov += 1;
                     want += part.len();
                 }
@@ -553,13 +485,7 @@ impl RecvLane for TcpRecvLane {
                 continue;
             }
             // SAFETY: iov[..n_iov] is initialized and points at live buffers.
-            let rc = unsafe {
-                libc::readv(
-                    self.sock.as_raw_fd(),
-                    iov.as_ptr() as *const libc::iovec,
-                    n_iov as i32,
-                )
-            };
+            let rc = unsafe { libc::readv(self.sock.as_raw_fd(), iov.as_ptr() as *const libc::iovec, n_iov as i32) };
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -569,11 +495,8 @@ impl RecvLane for TcpRecvLane {
                 }
             }
             if rc == 0 {
-                return Err(LaneError::Closed(
-                    "the sending rank closed the connection".into(),
-                ));
+                return Err(LaneError::Closed("the sending rank closed the connection".into()));
             }
-            self.hangup_with_data = false;
             let mut read = rc as usize;
             let mut idx = 0;
             while read > 0 {
@@ -583,10 +506,7 @@ impl RecvLane for TcpRecvLane {
                 item.done += step;
                 read -= step;
                 if before < HEADER_LEN && item.done >= HEADER_LEN && item.header != item.expect {
-                    return Err(LaneError::Mismatch {
-                        expected: item.expect,
-                        got: item.header,
-                    });
+                    return Err(LaneError::Mismatch { expected: item.expect, got: item.header });
                 }
                 idx += 1;
             }
@@ -616,20 +536,16 @@ impl RecvLane for TcpRecvLane {
         let mut b = [0u8; 1];
         // SAFETY: valid buffer of 1 byte.
         let rc = unsafe {
-            libc::recv(
-                self.sock.as_raw_fd(),
-                b.as_mut_ptr() as *mut _,
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
+            libc::recv(self.sock.as_raw_fd(), b.as_mut_ptr() as *mut _, 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
         };
+        if rc >= 0 {
+            // Data left (rc > 0) is read by later receives, which also meet the end of stream.
+            self.hangup_seen = true;
+        }
         if rc == 0 {
-            return Err(LaneError::Closed(
-                "the sending rank closed the connection".into(),
-            ));
+            return Err(LaneError::Closed("the sending rank closed the connection".into()));
         }
         if rc > 0 {
-            self.hangup_with_data = true;
             return Ok(());
         }
         let e = io::Error::last_os_error();
@@ -650,26 +566,16 @@ impl RecvLane for TcpRecvLane {
         if !self.queue.is_empty() {
             events |= libc::POLLIN;
         }
-        if !self.hangup_with_data {
+        if !self.hangup_seen {
             events |= libc::POLLRDHUP;
         }
-        (events != 0).then(|| WaitSource::Fd {
-            fd: self.sock.as_raw_fd(),
-            events,
-        })
+        (events != 0).then(|| WaitSource::Fd { fd: self.sock.as_raw_fd(), events })
     }
 }
 
 fn read_some(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: valid buffer.
-    let rc = unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            buf.as_mut_ptr() as *mut _,
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
+    let rc = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), libc::MSG_DONTWAIT) };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -680,12 +586,7 @@ fn read_some(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
 fn send_some(sock: &Socket, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: valid buffer.
     let rc = unsafe {
-        libc::send(
-            sock.as_raw_fd(),
-            buf.as_ptr() as *const _,
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
+        libc::send(sock.as_raw_fd(), buf.as_ptr() as *const _, buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     };
     if rc < 0 {
         Err(io::Error::last_os_error())

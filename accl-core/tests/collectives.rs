@@ -1,0 +1,45 @@
+//! The collective suite over every transport, ranks as threads: every collective x dtype x op x
+//! size (0, 1, odd, around chunk/lane/segment boundaries, several MiB) x rank count x in/out of
+//! place, against a serial reference (see `accl_core::testkit`).
+
+mod common;
+
+use accl_core::testkit::{run_suite, SuiteOptions};
+use accl_core::TransportKind;
+use common::{run_ranks, test_config};
+
+fn suite(transport: TransportKind, nranks: usize) {
+    let config = test_config(transport);
+    let opts = SuiteOptions::around(config.chunk_size);
+    let results = run_ranks(nranks, config, move |rank, mut comm| {
+        run_suite(&mut comm, &opts).map_err(|e| format!("rank {rank}: {e}"))
+    });
+    for r in results {
+        let calls = r.unwrap_or_else(|e| panic!("{e}"));
+        assert!(calls > 1000, "suite ran only {calls} calls");
+    }
+}
+
+macro_rules! suite_tests {
+    ($($name:ident: $transport:expr, $n:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            suite($transport, $n);
+        }
+    )*};
+}
+
+suite_tests! {
+    mem_1_rank: TransportKind::Mem, 1;
+    mem_2_ranks: TransportKind::Mem, 2;
+    mem_3_ranks: TransportKind::Mem, 3;
+    mem_4_ranks: TransportKind::Mem, 4;
+    mem_5_ranks: TransportKind::Mem, 5;
+    mem_8_ranks: TransportKind::Mem, 8;
+    tcp_1_rank: TransportKind::Tcp, 1;
+    tcp_2_ranks: TransportKind::Tcp, 2;
+    tcp_3_ranks: TransportKind::Tcp, 3;
+    tcp_4_ranks: TransportKind::Tcp, 4;
+    tcp_5_ranks: TransportKind::Tcp, 5;
+    tcp_8_ranks: TransportKind::Tcp, 8;
+}
