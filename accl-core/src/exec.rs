@@ -204,6 +204,13 @@ pub unsafe fn execute(ctx: &mut Context<'_>, sched: &Schedule, bufs: Buffers, in
 
 impl Run<'_, '_, '_> {
     fn run(&mut self) -> Result<()> {
+        self.run_steps().map_err(|e| match e {
+            Error::PeerFailed { peer, .. } => prefer_notice(self.ctx.peers, self.ctx.rank, peer, e),
+            e => e,
+        })
+    }
+
+    fn run_steps(&mut self) -> Result<()> {
         let total = self.sched.steps.len();
         let mut idle_since: Option<Instant> = None;
         let mut last_progress = Instant::now();
@@ -498,6 +505,16 @@ impl Run<'_, '_, '_> {
             timeout: self.ctx.timeout,
         }
     }
+}
+
+/// A lane to `peer` broke: if the peer said why before it went away, report that instead.
+fn prefer_notice(peers: &mut [PeerLanes], rank: usize, peer: usize, err: Error) -> Error {
+    for (lane, l) in peers[peer].send.iter_mut().enumerate() {
+        if let Err(e @ LaneError::Notice(_)) = l.check_peer() {
+            return lane_error(rank, peer, lane, e);
+        }
+    }
+    err
 }
 
 /// Turns a lane error into an [`Error`] naming this rank, the peer and the lane.

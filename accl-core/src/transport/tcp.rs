@@ -356,13 +356,13 @@ impl SendLane for TcpSendLane {
     }
 
     fn check_peer(&mut self) -> Result<(), LaneError> {
-        if self.peer_gone.is_some() {
-            return Ok(());
-        }
         let mut buf = [0u8; 512];
         loop {
             match read_some(&self.sock, &mut buf) {
                 Ok(0) => {
+                    if self.peer_gone.is_some() {
+                        return Ok(()); // already known
+                    }
                     let why = "the receiving rank closed the connection".to_string();
                     self.peer_gone = Some(why.clone());
                     if !self.queue.is_empty() {
