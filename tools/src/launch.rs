@@ -72,8 +72,7 @@ pub struct Report {
 impl Report {
     /// 0 when every rank succeeded, else the code of the first rank that failed.
     pub fn code(&self) -> i32 {
-        self.first_failure
-            .map_or(0, |r| self.outcomes[r].code().max(1))
+        self.first_failure.map_or(0, |r| self.outcomes[r].code().max(1))
     }
 }
 
@@ -105,12 +104,7 @@ pub fn failure_wait() -> Duration {
 /// Prints one line per failed rank to stderr (`accl-run: rank R exited with status S`,
 /// `accl-run: rank R killed by signal N`). Fails only when a rank cannot be started (the ranks
 /// already started are killed then).
-pub fn launch(
-    n: usize,
-    program: &Path,
-    args: &[OsString],
-    extra_env: &[(String, String)],
-) -> io::Result<i32> {
+pub fn launch(n: usize, program: &Path, args: &[OsString], extra_env: &[(String, String)]) -> io::Result<i32> {
     launch_report(n, program, args, extra_env).map(|r| r.code())
 }
 
@@ -122,10 +116,7 @@ pub fn launch_report(
     extra_env: &[(String, String)],
 ) -> io::Result<Report> {
     if n == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the number of ranks must be at least 1",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the number of ranks must be at least 1"));
     }
     let _signals = SignalGuard::install();
     let children = spawn_all(n, program, args, extra_env)?;
@@ -161,10 +152,7 @@ fn spawn_all(
                     let _ = child.kill();
                     let _ = child.wait();
                 }
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot start rank {rank} ({}): {e}", program.display()),
-                ));
+                return Err(io::Error::new(e.kind(), format!("cannot start rank {rank} ({}): {e}", program.display())));
             }
         }
     }
@@ -229,10 +217,7 @@ fn wait_all(mut children: Vec<Option<Child>>, wait: Duration) -> Report {
         std::thread::sleep(POLL);
     }
     Report {
-        outcomes: outcomes
-            .into_iter()
-            .map(|o| o.expect("every rank reaped"))
-            .collect(),
+        outcomes: outcomes.into_iter().map(|o| o.expect("every rank reaped")).collect(),
         first_failure: first_failure.map(|(r, _)| r),
         killed,
     }

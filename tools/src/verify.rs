@@ -49,10 +49,7 @@ pub struct Case {
 impl Case {
     /// Whether the collective combines values with `op`.
     pub fn reduces(&self) -> bool {
-        matches!(
-            self.coll,
-            Collective::AllReduce | Collective::Reduce | Collective::ReduceScatter
-        )
+        matches!(self.coll, Collective::AllReduce | Collective::Reduce | Collective::ReduceScatter)
     }
 
     /// sendrecv runs as a ring shift: each rank receives from the previous one.
@@ -219,20 +216,14 @@ fn tolerance(dtype: DataType) -> f64 {
 fn typed_mut<T: Num>(buf: &mut [u8]) -> &mut [T] {
     // SAFETY: T is a plain number type, valid for any bit pattern.
     let (pre, mid, post) = unsafe { buf.align_to_mut::<T>() };
-    assert!(
-        pre.is_empty() && post.is_empty(),
-        "buffer not aligned or not a whole number of elements"
-    );
+    assert!(pre.is_empty() && post.is_empty(), "buffer not aligned or not a whole number of elements");
     mid
 }
 
 fn typed<T: Num>(buf: &[u8]) -> &[T] {
     // SAFETY: as in typed_mut.
     let (pre, mid, post) = unsafe { buf.align_to::<T>() };
-    assert!(
-        pre.is_empty() && post.is_empty(),
-        "buffer not aligned or not a whole number of elements"
-    );
+    assert!(pre.is_empty() && post.is_empty(), "buffer not aligned or not a whole number of elements");
     mid
 }
 
@@ -282,11 +273,7 @@ fn check<T: Num>(case: &Case, buf: &[u8]) -> u64 {
         let (table, exact) = reduction_table::<T>(case);
         let approx = T::FLOAT && matches!(case.op, ReduceOp::Sum | ReduceOp::Avg);
         let tol = tolerance(case.dtype);
-        let base = if case.coll == Collective::ReduceScatter {
-            rank * c
-        } else {
-            0
-        };
+        let base = if case.coll == Collective::ReduceScatter { rank * c } else { 0 };
         for (o, &got) in out.iter().enumerate() {
             let k = (base + o) % 3;
             let ok = if approx {
@@ -392,15 +379,7 @@ mod tests {
             for dtype in [DataType::F32, DataType::Bf16, DataType::I8, DataType::U64] {
                 for op in ReduceOp::ALL {
                     for n in [1, 3, 4] {
-                        let case = Case {
-                            coll,
-                            dtype,
-                            op,
-                            rank: 0,
-                            nranks: n,
-                            count: 10,
-                            root: n - 1,
-                        };
+                        let case = Case { coll, dtype, op, rank: 0, nranks: n, count: 10, root: n - 1 };
                         let outs = simulate(case);
                         for (r, out) in outs.iter().enumerate() {
                             let rc = Case { rank: r, ..case };

@@ -39,11 +39,7 @@ fn perf_ok(args: &[&str]) -> Output {
     let out = run(PERF, args);
     assert!(out.status.success(), "accl-perf {args:?}\n{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("# Out of bounds values : 0 OK"),
-        "{}",
-        text(&out)
-    );
+    assert!(stdout.contains("# Out of bounds values : 0 OK"), "{}", text(&out));
     for row in rows(&out) {
         assert_eq!(row.len(), 13, "row {row:?}\n{}", text(&out));
         assert_eq!(row[8], "0", "out-of-place #wrong in {row:?}");
@@ -117,12 +113,7 @@ fn sendrecv() {
 
 #[test]
 fn reductions_across_types() {
-    for (d, o) in [
-        ("half", "prod"),
-        ("bfloat16", "avg"),
-        ("int32", "min"),
-        ("double", "sum"),
-    ] {
+    for (d, o) in [("half", "prod"), ("bfloat16", "avg"), ("int32", "min"), ("double", "sum")] {
         perf_ok(&[
             "allreduce",
             "--ranks",
@@ -167,13 +158,7 @@ fn json_rows_parse() {
         assert_eq!(v["lanes"], 1);
         assert_eq!(v["wrong"], 0);
         assert_eq!(v["in_place_wrong"], 0);
-        for k in [
-            "time_us",
-            "algbw",
-            "busbw",
-            "in_place_time_us",
-            "in_place_busbw",
-        ] {
+        for k in ["time_us", "algbw", "busbw", "in_place_time_us", "in_place_busbw"] {
             assert!(v[k].as_f64().is_some_and(|x| x >= 0.0), "{k} in {line}");
         }
     }
@@ -183,33 +168,11 @@ fn json_rows_parse() {
 fn perf_under_accl_run() {
     let out = run(
         RUN,
-        &[
-            "-n",
-            "3",
-            "--",
-            PERF,
-            "broadcast",
-            "-b",
-            "1K",
-            "-e",
-            "64K",
-            "-f",
-            "8",
-            "-r",
-            "2",
-            "-w",
-            "1",
-            "-n",
-            "2",
-        ],
+        &["-n", "3", "--", PERF, "broadcast", "-b", "1K", "-e", "64K", "-f", "8", "-r", "2", "-w", "1", "-n", "2"],
     );
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("# accl-perf: broadcast, 3 ranks"),
-        "{}",
-        text(&out)
-    );
+    assert!(stdout.contains("# accl-perf: broadcast, 3 ranks"), "{}", text(&out));
     assert_eq!(rows(&out).len(), 3);
 }
 
@@ -236,17 +199,10 @@ fn bad_arguments_are_rejected() {
 
 #[test]
 fn bad_root_is_reported() {
-    let out = run(
-        PERF,
-        &["broadcast", "--ranks", "2", "-r", "5", "-b", "8", "-e", "8"],
-    );
+    let out = run(PERF, &["broadcast", "--ranks", "2", "-r", "5", "-b", "8", "-e", "8"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("accl-perf: rank 0: invalid root rank 5"),
-        "{}",
-        text(&out)
-    );
+    assert!(stderr.contains("accl-perf: rank 0: invalid root rank 5"), "{}", text(&out));
 }
 
 #[test]
@@ -268,47 +224,19 @@ fn run_sets_environment() {
 
 #[test]
 fn run_reports_failed_rank() {
-    let out = run(
-        RUN,
-        &[
-            "-n",
-            "3",
-            "--",
-            "/bin/sh",
-            "-c",
-            "[ \"$ACCL_RANK\" = 1 ] && exit 5; exit 0",
-        ],
-    );
+    let out = run(RUN, &["-n", "3", "--", "/bin/sh", "-c", "[ \"$ACCL_RANK\" = 1 ] && exit 5; exit 0"]);
     assert_eq!(out.status.code(), Some(5), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("accl-run: rank 1 exited with status 5"),
-        "{}",
-        text(&out)
-    );
+    assert!(stderr.contains("accl-run: rank 1 exited with status 5"), "{}", text(&out));
     assert!(!stderr.contains("rank 0"), "{}", text(&out));
 }
 
 #[test]
 fn run_reports_signals() {
-    let out = run(
-        RUN,
-        &[
-            "-n",
-            "2",
-            "--",
-            "/bin/sh",
-            "-c",
-            "[ \"$ACCL_RANK\" = 0 ] && kill -TERM $$; exit 0",
-        ],
-    );
+    let out = run(RUN, &["-n", "2", "--", "/bin/sh", "-c", "[ \"$ACCL_RANK\" = 0 ] && kill -TERM $$; exit 0"]);
     assert_eq!(out.status.code(), Some(128 + 15), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("accl-run: rank 0 killed by signal 15"),
-        "{}",
-        text(&out)
-    );
+    assert!(stderr.contains("accl-run: rank 0 killed by signal 15"), "{}", text(&out));
 }
 
 #[test]

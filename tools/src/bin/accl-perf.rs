@@ -16,9 +16,7 @@ use std::ffi::OsString;
 use std::time::Instant;
 
 use accl_core::config::{env_var, parse_size};
-use accl_core::{
-    Algorithm, CollArgs, Collective, Communicator, Config, DataType, Error, ReduceOp, UniqueId,
-};
+use accl_core::{Algorithm, CollArgs, Collective, Communicator, Config, DataType, Error, ReduceOp, UniqueId};
 use accl_tools::launch;
 use accl_tools::verify::{poison, Case};
 use clap::Parser;
@@ -60,12 +58,7 @@ struct Args {
     #[arg(short = 'r', long = "root", default_value_t = 0)]
     root: usize,
     /// Untimed iterations before each measurement
-    #[arg(
-        short = 'w',
-        long = "warmup_iters",
-        visible_alias = "warmup-iters",
-        default_value_t = 5
-    )]
+    #[arg(short = 'w', long = "warmup_iters", visible_alias = "warmup-iters", default_value_t = 5)]
     warmup_iters: usize,
     /// Timed iterations per measurement
     #[arg(short = 'n', long = "iters", default_value_t = 20,
@@ -98,10 +91,7 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
 
 fn parse_dtype(s: &str) -> Result<DataType, String> {
     DataType::parse(s).ok_or_else(|| {
-        format!(
-            "unknown data type {s:?}; expected one of {}",
-            DataType::ALL.map(|d| d.name()).join(" ")
-        )
+        format!("unknown data type {s:?}; expected one of {}", DataType::ALL.map(|d| d.name()).join(" "))
     })
 }
 
@@ -112,10 +102,7 @@ fn parse_op(s: &str) -> Result<ReduceOp, String> {
 fn main() {
     let args = Args::parse();
     if args.minbytes > args.maxbytes {
-        eprintln!(
-            "accl-perf: invalid sizes: minbytes {} > maxbytes {}",
-            args.minbytes, args.maxbytes
-        );
+        eprintln!("accl-perf: invalid sizes: minbytes {} > maxbytes {}", args.minbytes, args.maxbytes);
         std::process::exit(2);
     }
     if let Some(n) = args.ranks {
@@ -188,9 +175,7 @@ fn count_for(coll: Collective, size: usize, elem: usize, n: usize) -> usize {
 /// The size nccl-tests reports for `count`: the largest of the send and receive totals.
 fn size_of(coll: Collective, count: usize, elem: usize, n: usize) -> usize {
     match coll {
-        Collective::AllGather | Collective::ReduceScatter | Collective::AllToAll => {
-            count * elem * n
-        }
+        Collective::AllGather | Collective::ReduceScatter | Collective::AllToAll => count * elem * n,
         _ => count * elem,
     }
 }
@@ -270,9 +255,7 @@ struct Buf {
 
 impl Buf {
     fn new(bytes: usize) -> Buf {
-        Buf {
-            words: vec![0u64; bytes.div_ceil(8).max(1)],
-        }
+        Buf { words: vec![0u64; bytes.div_ceil(8).max(1)] }
     }
     fn ptr(&mut self) -> *mut u8 {
         self.words.as_mut_ptr() as *mut u8
@@ -287,45 +270,18 @@ struct Layout {
     output: *const u8,
 }
 
-fn layout(
-    coll: Collective,
-    in_place: bool,
-    rank: usize,
-    blk: usize,
-    send: &mut Buf,
-    recv: &mut Buf,
-) -> Layout {
+fn layout(coll: Collective, in_place: bool, rank: usize, blk: usize, send: &mut Buf, recv: &mut Buf) -> Layout {
     let (s, r) = (send.ptr(), recv.ptr());
     if !in_place {
-        return Layout {
-            send: s,
-            recv: r,
-            input: s,
-            output: r,
-        };
+        return Layout { send: s, recv: r, input: s, output: r };
     }
     // In place: everything lives in `recv`.
     // SAFETY (offsets): rank * blk is inside the buffer sized for nranks blocks.
     let own = unsafe { r.add(rank * blk) };
     match coll {
-        Collective::AllGather => Layout {
-            send: own,
-            recv: r,
-            input: own,
-            output: r,
-        },
-        Collective::ReduceScatter => Layout {
-            send: r,
-            recv: own,
-            input: r,
-            output: own,
-        },
-        _ => Layout {
-            send: r,
-            recv: r,
-            input: r,
-            output: r,
-        },
+        Collective::AllGather => Layout { send: own, recv: r, input: own, output: r },
+        Collective::ReduceScatter => Layout { send: r, recv: own, input: r, output: own },
+        _ => Layout { send: r, recv: r, input: r, output: r },
     }
 }
 
@@ -348,10 +304,7 @@ fn run(a: &Args) -> Result<bool, RunError> {
     let coll = a.coll;
     let dtype = a.datatype;
     let elem = dtype.size();
-    let reduces = matches!(
-        coll,
-        Collective::AllReduce | Collective::Reduce | Collective::ReduceScatter
-    );
+    let reduces = matches!(coll, Collective::AllReduce | Collective::Reduce | Collective::ReduceScatter);
     let rooted = matches!(coll, Collective::Reduce | Collective::Broadcast);
     let redop = if reduces { a.op.name() } else { "none" };
     let root_col: i64 = if rooted { a.root as i64 } else { -1 };
@@ -372,21 +325,14 @@ fn run(a: &Args) -> Result<bool, RunError> {
     let mut send = Buf::new(bytes);
     let mut recv = Buf::new(bytes);
 
-    let algos: Vec<Algorithm> = counts
-        .iter()
-        .map(|&c| comm.algorithm(&call_args(c)))
-        .collect();
+    let algos: Vec<Algorithm> = counts.iter().map(|&c| comm.algorithm(&call_args(c))).collect();
     let forced = comm.config().algo.forced(coll).is_some();
     let transport = comm.transport_name();
     let lanes = comm.lanes();
 
     // Who is where, and (with -v) every lane's flow label.
     let ranks_info = gather_rank_info(&mut comm).map_err(err)?;
-    let lanes_info = if a.verbose {
-        Some(gather_lanes(&mut comm).map_err(err)?)
-    } else {
-        None
-    };
+    let lanes_info = if a.verbose { Some(gather_lanes(&mut comm).map_err(err)?) } else { None };
     let print = rank == 0;
     if print && !a.json {
         print_header(a, n, transport, lanes, &sizes, &algos, forced, &ranks_info);
@@ -402,22 +348,11 @@ fn run(a: &Args) -> Result<bool, RunError> {
     let mut wrong_total = 0u64;
     for (&count, algo) in counts.iter().zip(&algos) {
         let args = call_args(count);
-        let case = Case {
-            coll,
-            dtype,
-            op: a.op,
-            rank,
-            nranks: n,
-            count,
-            root: a.root,
-        };
+        let case = Case { coll, dtype, op: a.op, rank, nranks: n, count, root: a.root };
         let size = size_of(coll, count, elem, n);
         let mut results = [None; 2];
         for (slot, in_place) in [false, true].into_iter().enumerate() {
-            let m = measure(
-                &mut comm, a, &args, &case, in_place, size, &mut send, &mut recv,
-            )
-            .map_err(err)?;
+            let m = measure(&mut comm, a, &args, &case, in_place, size, &mut send, &mut recv).map_err(err)?;
             bw_sum += m.busbw;
             bw_count += 1;
             if let Some(w) = m.wrong {
@@ -426,9 +361,7 @@ fn run(a: &Args) -> Result<bool, RunError> {
             }
             results[slot] = Some(m);
         }
-        let [Some(op), Some(ip)] = results else {
-            unreachable!()
-        };
+        let [Some(op), Some(ip)] = results else { unreachable!() };
         if !print {
             continue;
         }
@@ -455,37 +388,17 @@ fn run(a: &Args) -> Result<bool, RunError> {
             };
             println!("{}", serde_json::to_string(&row).expect("serializable row"));
         } else {
-            let mut line = format!(
-                "{:>12}  {:>12}  {:>8}  {:>6}  {:>6}",
-                size,
-                count,
-                dtype.name(),
-                redop,
-                root_col
-            );
+            let mut line = format!("{:>12}  {:>12}  {:>8}  {:>6}  {:>6}", size, count, dtype.name(), redop, root_col);
             for m in [op, ip] {
                 let wrong = m.wrong.map_or("N/A".to_string(), |w| w.to_string());
-                line += &format!(
-                    "  {:>7}  {:>6.2}  {:>6.2}  {:>5}",
-                    fmt_time(m.time_us),
-                    m.algbw,
-                    m.busbw,
-                    wrong
-                );
+                line += &format!("  {:>7}  {:>6.2}  {:>6.2}  {:>5}", fmt_time(m.time_us), m.algbw, m.busbw, wrong);
             }
             println!("{line}");
         }
     }
     if print && !a.json {
-        let avg = if bw_count > 0 {
-            bw_sum / bw_count as f64
-        } else {
-            0.0
-        };
-        println!(
-            "# Out of bounds values : {bad_steps} {}",
-            if bad_steps > 0 { "FAILED" } else { "OK" }
-        );
+        let avg = if bw_count > 0 { bw_sum / bw_count as f64 } else { 0.0 };
+        println!("# Out of bounds values : {bad_steps} {}", if bad_steps > 0 { "FAILED" } else { "OK" });
         println!("# Avg bus bandwidth    : {}", fmt_g(avg));
         println!("#");
     }
@@ -514,10 +427,7 @@ fn measure(
     // count; nothing else touches them while these slices live.
     let fill = || unsafe {
         if out_bytes > 0 {
-            poison(std::slice::from_raw_parts_mut(
-                l.output as *mut u8,
-                out_bytes,
-            ));
+            poison(std::slice::from_raw_parts_mut(l.output as *mut u8, out_bytes));
         }
         case.fill_input(std::slice::from_raw_parts_mut(l.input, in_bytes));
     };
@@ -540,11 +450,7 @@ fn measure(
     let mut time = [0.0f64];
     comm.all_reduce(&[mine], &mut time, ReduceOp::Max)?;
     let secs = time[0];
-    let algbw = if secs > 0.0 {
-        size as f64 / secs / 1e9
-    } else {
-        0.0
-    };
+    let algbw = if secs > 0.0 { size as f64 / secs / 1e9 } else { 0.0 };
     let busbw = algbw * bus_factor(args.coll, n);
 
     let mut wrong = None;
@@ -560,12 +466,7 @@ fn measure(
             break;
         }
     }
-    Ok(Measure {
-        time_us: secs * 1e6,
-        algbw,
-        busbw,
-        wrong,
-    })
+    Ok(Measure { time_us: secs * 1e6, algbw, busbw, wrong })
 }
 
 /// Every rank's pid and host name.
@@ -641,10 +542,7 @@ fn print_header(
         }
     }
     if groups.len() > 1 {
-        let parts: Vec<String> = groups
-            .iter()
-            .map(|(al, lo, hi)| format!("{} {lo}-{hi}", al.name()))
-            .collect();
+        let parts: Vec<String> = groups.iter().map(|(al, lo, hi)| format!("{} {lo}-{hi}", al.name())).collect();
         println!("# algorithm by size (B): {}", parts.join(", "));
     }
     println!(
@@ -682,13 +580,23 @@ fn print_columns() {
     println!("{top}");
     println!(
         "# {:>10}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6} {:>6}  {:>7}  {:>6}  {:>6} {:>6}",
-        "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time",
-        "algbw", "busbw", "#wrong"
+        "size",
+        "count",
+        "type",
+        "redop",
+        "root",
+        "time",
+        "algbw",
+        "busbw",
+        "#wrong",
+        "time",
+        "algbw",
+        "busbw",
+        "#wrong"
     );
     let units = format!(
         "# {:>10}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>5}  {:>7}  {:>6}  {:>6}  {:>5}",
-        "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)",
-        "(GB/s)", ""
+        "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", ""
     );
     println!("{}", units.trim_end());
 }
@@ -762,14 +670,8 @@ mod tests {
     #[test]
     fn ranks_stripped() {
         let v = |s: &[&str]| s.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(
-            strip_ranks(v(&["allreduce", "--ranks", "4", "-b", "8"]).into_iter()),
-            v(&["allreduce", "-b", "8"])
-        );
-        assert_eq!(
-            strip_ranks(v(&["--ranks=2", "broadcast"]).into_iter()),
-            v(&["broadcast"])
-        );
+        assert_eq!(strip_ranks(v(&["allreduce", "--ranks", "4", "-b", "8"]).into_iter()), v(&["allreduce", "-b", "8"]));
+        assert_eq!(strip_ranks(v(&["--ranks=2", "broadcast"]).into_iter()), v(&["broadcast"]));
     }
 
     #[test]

@@ -15,12 +15,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "accl-run",
-    version,
-    about = "Start N local ranks of an accl program",
-    trailing_var_arg = true
-)]
+#[command(name = "accl-run", version, about = "Start N local ranks of an accl program", trailing_var_arg = true)]
 struct Args {
     /// Number of ranks to start
     #[arg(short = 'n', long = "nranks", value_parser = clap::value_parser!(u64).range(1..))]
