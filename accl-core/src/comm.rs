@@ -372,9 +372,9 @@ impl Communicator {
         let (_, out_bytes) = args.buffer_bytes(self.rank, self.nranks)?;
         let blk = args.count * args.dtype.size();
         let in_place = match args.coll {
-            Collective::AllGather => send == recv.wrapping_add(self.rank * blk) as *const u8,
-            Collective::ReduceScatter => recv as *const u8 == send.wrapping_add(self.rank * blk),
-            _ => send == recv as *const u8 && out_bytes > 0,
+            Collective::AllGather => std::ptr::eq(send, recv.wrapping_add(self.rank * blk)),
+            Collective::ReduceScatter => std::ptr::eq(recv, send.wrapping_add(self.rank * blk)),
+            _ => std::ptr::eq(send, recv) && out_bytes > 0,
         };
         let base = if in_place && args.coll == Collective::ReduceScatter { send as *mut u8 } else { recv };
         // SAFETY: forwarded from the caller.
@@ -437,7 +437,7 @@ impl Communicator {
         let elem = args.dtype.size();
         if args.coll == Collective::SendRecv && args.send_to == Some(self.rank) {
             // A message to oneself: a copy.
-            if args.count > 0 && input != output as *const u8 {
+            if args.count > 0 && !std::ptr::eq(input, output) {
                 // SAFETY: caller-validated buffers of count elements.
                 unsafe { std::ptr::copy(input, output, args.count * elem) };
             }
@@ -525,11 +525,10 @@ impl Communicator {
         if let Some(why) = &self.failed {
             return Err(Error::Failed(why.clone()));
         }
-        let size = std::mem::size_of::<T>();
-        let have_in = send.map_or(0, |s| s.len() * size);
+        let have_in = send.map_or(0, std::mem::size_of_val);
         let in_place = send.is_none();
         let (out_ptr, have_out) = match recv {
-            Some(r) => (r.as_mut_ptr() as *mut u8, r.len() * size),
+            Some(r) => (r.as_mut_ptr() as *mut u8, std::mem::size_of_val(r)),
             None => (std::ptr::null_mut(), 0),
         };
         let check = if in_place {
@@ -557,8 +556,8 @@ impl Communicator {
         })
     }
 
-    fn blocks<T>(&self, len: usize, what: &str) -> Result<usize> {
-        if len % self.nranks != 0 {
+    fn blocks(&self, len: usize, what: &str) -> Result<usize> {
+        if !len.is_multiple_of(self.nranks) {
             return Err(Error::InvalidArgument(format!(
                 "{what} length {len} is not a multiple of nranks {}",
                 self.nranks
@@ -605,7 +604,7 @@ impl Communicator {
 
     /// In-place allgather: this rank's data is already in block `rank` of `buf`.
     pub fn all_gather_in_place<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
-        let count = self.blocks::<T>(buf.len(), "allgather buffer")?;
+        let count = self.blocks(buf.len(), "allgather buffer")?;
         self.typed(CollArgs::new(Collective::AllGather, count, T::DTYPE), None, Some(buf))
     }
 
@@ -616,20 +615,20 @@ impl Communicator {
 
     /// In-place reduce_scatter: the result is block `rank` of `buf`.
     pub fn reduce_scatter_in_place<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let count = self.blocks::<T>(buf.len(), "reduce_scatter buffer")?;
+        let count = self.blocks(buf.len(), "reduce_scatter buffer")?;
         self.typed(CollArgs::new(Collective::ReduceScatter, count, T::DTYPE).op(op), None, Some(buf))
     }
 
     /// All-to-all with equal blocks: block j of `send` goes to rank j, block i of `recv` comes
     /// from rank i. `send.len()` must be a multiple of nranks.
     pub fn all_to_all<T: Element>(&mut self, send: &[T], recv: &mut [T]) -> Result<()> {
-        let count = self.blocks::<T>(send.len(), "all2all send buffer")?;
+        let count = self.blocks(send.len(), "all2all send buffer")?;
         self.typed(CollArgs::new(Collective::AllToAll, count, T::DTYPE), Some(send), Some(recv))
     }
 
     /// In-place all-to-all.
     pub fn all_to_all_in_place<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
-        let count = self.blocks::<T>(buf.len(), "all2all buffer")?;
+        let count = self.blocks(buf.len(), "all2all buffer")?;
         self.typed(CollArgs::new(Collective::AllToAll, count, T::DTYPE), None, Some(buf))
     }
 

@@ -430,9 +430,8 @@ impl Run<'_, '_, '_> {
         match bell {
             Some(bell) => {
                 // A ring after the count was first read means something may have changed.
-                match *bell_seen {
-                    Some(seen) => bell.wait(seen, max),
-                    None => {}
+                if let Some(seen) = *bell_seen {
+                    bell.wait(seen, max);
                 }
                 *bell_seen = Some(bell.count());
                 self.check_all_peers()

@@ -1,5 +1,6 @@
 //! Runs every rank's schedule against a simulated network (no sockets, no threads, no clock)
 //! and checks the results: algorithm bugs show up here before any transport is involved.
+#![allow(clippy::needless_range_loop, clippy::ptr_arg)]
 
 use std::collections::VecDeque;
 
@@ -53,7 +54,7 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
                     };
                     buf[reg.off..reg.off + reg.len].to_vec()
                 };
-                let mut write = |reg: Region, data: &[u8], output: &mut Vec<Vec<u8>>, scratch: &mut Vec<Vec<u8>>| {
+                let write = |reg: Region, data: &[u8], output: &mut Vec<Vec<u8>>, scratch: &mut Vec<Vec<u8>>| {
                     let buf = match reg.buf {
                         Buf::Input => panic!("rank {r} step {i} writes its input"),
                         Buf::Output => &mut output[r],
