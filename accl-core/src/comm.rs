@@ -140,6 +140,8 @@ pub struct Communicator {
     failed: Option<String>,
     reducer: Reducer,
     schedules: HashMap<Plan, Arc<Schedule>>,
+    /// The schedule of the previous call: loops repeat one shape, so look there first.
+    last_schedule: Option<(Plan, Arc<Schedule>)>,
 }
 
 impl Communicator {
@@ -264,6 +266,7 @@ impl Communicator {
             failed: None,
             reducer: Reducer::new(config.reduce_threads),
             schedules: HashMap::new(),
+            last_schedule: None,
             config,
         })
     }
@@ -460,14 +463,14 @@ impl Communicator {
             p2p_send: args.send_to.is_some(),
             p2p_recv: args.recv_from.is_some(),
         };
-        let sched = match self.schedules.get(&plan) {
-            Some(s) => s.clone(),
-            None => {
+        let sched = match &self.last_schedule {
+            Some((p, s)) if *p == plan => s.clone(),
+            _ => {
                 if self.schedules.len() >= SCHEDULE_CACHE {
                     self.schedules.clear();
                 }
-                let s = Arc::new(plan.schedule());
-                self.schedules.insert(plan, s.clone());
+                let s = self.schedules.entry(plan).or_insert_with(|| Arc::new(plan.schedule())).clone();
+                self.last_schedule = Some((plan, s.clone()));
                 s
             }
         };

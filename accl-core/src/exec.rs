@@ -156,12 +156,9 @@ struct Run<'s, 'c, 'a> {
     remaining_deps: Vec<u32>,
     /// Chunks still in flight per network step.
     chunks_left: Vec<u32>,
-    done: Vec<bool>,
     done_count: usize,
     ready_local: VecDeque<u32>,
-    /// Per peer: network steps in program order and how many are posted.
-    sends: Vec<Vec<u32>>,
-    recvs: Vec<Vec<u32>>,
+    /// Per peer: how many of the schedule's sends and receives are posted.
     sends_posted: Vec<usize>,
     recvs_posted: Vec<usize>,
 }
@@ -182,23 +179,12 @@ pub unsafe fn execute(ctx: &mut Context<'_>, sched: &Schedule, bufs: Buffers, in
         nranks,
         remaining_deps: sched.dep_count.clone(),
         chunks_left: vec![0; n],
-        done: vec![false; n],
         done_count: 0,
-        ready_local: VecDeque::new(),
-        sends: vec![Vec::new(); nranks],
-        recvs: vec![Vec::new(); nranks],
-        sends_posted: vec![0; nranks],
-        recvs_posted: vec![0; nranks],
+        ready_local: sched.initial.iter().copied().collect(),
+        sends_posted: vec![0; sched.sends.len()],
+        recvs_posted: vec![0; sched.recvs.len()],
         ctx,
     };
-    for (i, step) in sched.steps.iter().enumerate() {
-        match *step {
-            Step::Send { peer, .. } => run.sends[peer].push(i as u32),
-            Step::Recv { peer, .. } => run.recvs[peer].push(i as u32),
-            _ if sched.dep_count[i] == 0 => run.ready_local.push_back(i as u32),
-            _ => {}
-        }
-    }
     run.run()
 }
 
@@ -251,8 +237,9 @@ impl Run<'_, '_, '_> {
     /// Posts, per peer and in program order, the network steps whose inputs are ready.
     fn post_ready(&mut self) -> Result<bool> {
         let mut posted = false;
-        for peer in 0..self.nranks {
-            while let Some(&step) = self.sends[peer].get(self.sends_posted[peer]) {
+        let sched = self.sched;
+        for (peer, steps) in sched.sends.iter().enumerate() {
+            while let Some(&step) = steps.get(self.sends_posted[peer]) {
                 if self.remaining_deps[step as usize] > 0 {
                     break;
                 }
@@ -260,7 +247,9 @@ impl Run<'_, '_, '_> {
                 self.sends_posted[peer] += 1;
                 posted = true;
             }
-            while let Some(&step) = self.recvs[peer].get(self.recvs_posted[peer]) {
+        }
+        for (peer, steps) in sched.recvs.iter().enumerate() {
+            while let Some(&step) = steps.get(self.recvs_posted[peer]) {
                 if self.remaining_deps[step as usize] > 0 {
                     break;
                 }
@@ -270,6 +259,13 @@ impl Run<'_, '_, '_> {
             }
         }
         Ok(posted)
+    }
+
+    /// Whether some of the schedule's (sends, receives) for `peer` are not posted yet.
+    fn unposted(&self, peer: usize) -> (bool, bool) {
+        let s = self.sched.sends.get(peer).is_some_and(|v| self.sends_posted[peer] < v.len());
+        let r = self.sched.recvs.get(peer).is_some_and(|v| self.recvs_posted[peer] < v.len());
+        (s, r)
     }
 
     fn post(&mut self, step: u32) -> Result<()> {
@@ -354,8 +350,6 @@ impl Run<'_, '_, '_> {
     }
 
     fn complete(&mut self, step: u32) {
-        debug_assert!(!self.done[step as usize]);
-        self.done[step as usize] = true;
         self.done_count += 1;
         for &d in &self.sched.dependents[step as usize] {
             let left = &mut self.remaining_deps[d as usize];
@@ -398,10 +392,8 @@ impl Run<'_, '_, '_> {
     /// Whether this call still needs anything from or for `peer`.
     fn needs(&self, peer: usize) -> bool {
         let lanes = &self.ctx.peers[peer];
-        self.sends_posted[peer] < self.sends[peer].len()
-            || self.recvs_posted[peer] < self.recvs[peer].len()
-            || lanes.send.iter().any(|l| l.queued() > 0)
-            || lanes.recv.iter().any(|l| l.queued() > 0)
+        let (s, r) = self.unposted(peer);
+        s || r || lanes.send.iter().any(|l| l.queued() > 0) || lanes.recv.iter().any(|l| l.queued() > 0)
     }
 
     /// Sleeps until a lane may progress, then checks every peer's health.
@@ -489,9 +481,7 @@ impl Run<'_, '_, '_> {
 
     fn timeout_error(&self) -> Error {
         let mut waiting: Vec<usize> = (0..self.nranks)
-            .filter(|&p| {
-                self.recvs_posted[p] < self.recvs[p].len() || self.ctx.peers[p].recv.iter().any(|l| l.queued() > 0)
-            })
+            .filter(|&p| self.unposted(p).1 || self.ctx.peers[p].recv.iter().any(|l| l.queued() > 0))
             .collect();
         if waiting.is_empty() {
             waiting = (0..self.nranks).filter(|&p| self.needs(p)).collect();

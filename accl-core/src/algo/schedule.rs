@@ -91,6 +91,11 @@ pub struct Schedule {
     pub dependents: Vec<Vec<u32>>,
     /// Scratch bytes the schedule addresses.
     pub scratch_len: usize,
+    /// Per peer: its sends and receives in program order (the order they are posted in).
+    pub sends: Vec<Vec<u32>>,
+    pub recvs: Vec<Vec<u32>>,
+    /// Local steps that wait for nothing.
+    pub initial: Vec<u32>,
 }
 
 /// Emits steps in program order and infers their dependencies.
@@ -195,7 +200,18 @@ impl Builder {
                 dependents[d as usize].push(i as u32);
             }
         }
-        Schedule { steps: self.steps, dep_count, dependents, scratch_len: self.scratch_len }
+        let peers = self.steps.iter().filter_map(Step::peer).max().map_or(0, |p| p + 1);
+        let (mut sends, mut recvs) = (vec![Vec::new(); peers], vec![Vec::new(); peers]);
+        let mut initial = Vec::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            match *step {
+                Step::Send { peer, .. } => sends[peer].push(i as u32),
+                Step::Recv { peer, .. } => recvs[peer].push(i as u32),
+                _ if dep_count[i] == 0 => initial.push(i as u32),
+                _ => {}
+            }
+        }
+        Schedule { steps: self.steps, dep_count, dependents, scratch_len: self.scratch_len, sends, recvs, initial }
     }
 }
 
