@@ -112,15 +112,7 @@ fn into_f32_sum(c: &mut Criterion) {
         let b = buffer(DataType::F32, len, 2);
         let mut dst = vec![0u8; len];
         group.bench_function(format!("f32-sum/{size}"), |bench| {
-            bench.iter(|| {
-                reduce_into(
-                    DataType::F32,
-                    ReduceOp::Sum,
-                    black_box(&mut dst),
-                    black_box(&a),
-                    black_box(&b),
-                )
-            })
+            bench.iter(|| reduce_into(DataType::F32, ReduceOp::Sum, black_box(&mut dst), black_box(&a), black_box(&b)))
         });
     }
     group.finish();
