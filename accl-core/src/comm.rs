@@ -186,10 +186,15 @@ impl Communicator {
                 (config.flow_label + lane as u32) & 0xF_FFFF
             }
         };
+        // Duplex lanes (one socket both ways, connected by the lower rank) unless flow labels
+        // are asked for: then every direction gets its own connection from its sender, which
+        // is what lets the sender choose the label its data carries.
+        let duplex = config.flow_label == 0;
+        let connects_to = |peer: usize| peer != rank && (!duplex || rank < peer);
         let mut connecting: Vec<(usize, usize, Box<dyn Connecting>)> = Vec::new();
-        for peer in (0..nranks).filter(|&p| p != rank) {
+        for peer in (0..nranks).filter(|&p| connects_to(p)) {
             for lane in 0..lanes {
-                let setup = LaneSetup { comm_id, rank, peer, lane, flow_label: label(lane) };
+                let setup = LaneSetup { comm_id, rank, peer, lane, flow_label: label(lane), duplex };
                 connecting.push((peer, lane, provider.connect(&all[peer][5..], &setup)?));
             }
         }
@@ -197,31 +202,43 @@ impl Communicator {
             (0..nranks).map(|_| (0..lanes).map(|_| None).collect()).collect();
         let mut recv: Vec<Vec<Option<Box<dyn crate::transport::RecvLane>>>> =
             (0..nranks).map(|_| (0..lanes).map(|_| None).collect()).collect();
-        let expected_accepts = (nranks - 1) * lanes;
+        let expected_accepts = (0..nranks).filter(|&p| p != rank && (!duplex || p < rank)).count() * lanes;
         let mut accepted = 0;
-        while !connecting.is_empty() || accepted < expected_accepts {
+        let complete = |send: &[Vec<Option<_>>], recv: &[Vec<Option<_>>]| {
+            (0..nranks)
+                .filter(|&p| p != rank)
+                .all(|p| send[p].iter().all(Option::is_some) && recv[p].iter().all(Option::is_some))
+        };
+        loop {
             let mut i = 0;
             while i < connecting.len() {
                 let (peer, lane, c) = &mut connecting[i];
-                if let Some(l) = c.poll()? {
-                    send[*peer][*lane] = Some(l);
+                if let Some(ends) = c.poll()? {
+                    send[*peer][*lane] = ends.send;
+                    if ends.recv.is_some() {
+                        recv[*peer][*lane] = ends.recv;
+                    }
                     connecting.swap_remove(i);
                 } else {
                     i += 1;
                 }
             }
-            while let Some((setup, lane)) = listener.accept()? {
+            while let Some((setup, ends)) = listener.accept()? {
                 let fits = setup.comm_id == comm_id
                     && setup.peer == rank
                     && setup.rank < nranks
                     && setup.rank != rank
-                    && setup.lane < lanes;
+                    && setup.lane < lanes
+                    && setup.duplex == duplex;
                 if fits && recv[setup.rank][setup.lane].is_none() {
-                    recv[setup.rank][setup.lane] = Some(lane);
+                    recv[setup.rank][setup.lane] = ends.recv;
+                    if ends.send.is_some() {
+                        send[setup.rank][setup.lane] = ends.send;
+                    }
                     accepted += 1;
                 }
             }
-            if connecting.is_empty() && accepted == expected_accepts {
+            if connecting.is_empty() && accepted == expected_accepts && complete(&send, &recv) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -516,8 +533,12 @@ impl Communicator {
             return;
         }
         let notice = encode_notice(self.rank, err.blamed_rank(), &err.to_string());
+        // Lane 0 of each peer; a transport sends it on whichever end carries notices.
         for peer in &mut self.peers {
-            for lane in peer.recv.iter_mut().take(1) {
+            if let Some(lane) = peer.recv.first_mut() {
+                lane.send_notice(&notice);
+            }
+            if let Some(lane) = peer.send.first_mut() {
                 lane.send_notice(&notice);
             }
         }

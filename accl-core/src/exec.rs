@@ -503,6 +503,11 @@ fn prefer_notice(peers: &mut [PeerLanes], rank: usize, peer: usize, err: Error) 
             return lane_error(rank, peer, lane, e);
         }
     }
+    for (lane, l) in peers[peer].recv.iter_mut().enumerate() {
+        if let Some(body) = l.take_notice() {
+            return lane_error(rank, peer, lane, LaneError::Notice(body));
+        }
+    }
     err
 }
 

@@ -9,7 +9,15 @@ use accl_core::TransportKind;
 use common::{run_ranks, test_config};
 
 fn suite(transport: TransportKind, nranks: usize) {
-    let config = test_config(transport);
+    suite_with(test_config(transport), nranks);
+}
+
+/// TCP with flow labels: one simplex connection per direction and lane.
+fn simplex(nranks: usize) {
+    suite_with(accl_core::Config { flow_label: 0x3a000, ..test_config(TransportKind::Tcp) }, nranks);
+}
+
+fn suite_with(config: accl_core::Config, nranks: usize) {
     let opts = SuiteOptions::around(config.chunk_size);
     let results = run_ranks(nranks, config, move |rank, mut comm| {
         run_suite(&mut comm, &opts).map_err(|e| format!("rank {rank}: {e}"))
@@ -42,4 +50,14 @@ suite_tests! {
     tcp_4_ranks: TransportKind::Tcp, 4;
     tcp_5_ranks: TransportKind::Tcp, 5;
     tcp_8_ranks: TransportKind::Tcp, 8;
+}
+
+#[test]
+fn tcp_simplex_3_ranks() {
+    simplex(3);
+}
+
+#[test]
+fn tcp_simplex_4_ranks() {
+    simplex(4);
 }

@@ -13,14 +13,36 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// How much later than the timeout an error may arrive (scheduling on a loaded 2-core box).
 const SLACK: Duration = Duration::from_secs(3);
 
-fn config(transport: TransportKind) -> Config {
-    Config { timeout: TIMEOUT, ..test_config(transport) }
+/// A transport setting under test: in-process, TCP with duplex lanes, TCP with one simplex
+/// connection per direction (chosen when flow labels are set).
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Mem,
+    Tcp,
+    TcpSimplex,
 }
 
-const TRANSPORTS: [TransportKind; 2] = [TransportKind::Mem, TransportKind::Tcp];
+impl From<TransportKind> for Mode {
+    fn from(t: TransportKind) -> Mode {
+        match t {
+            TransportKind::Mem => Mode::Mem,
+            TransportKind::Tcp => Mode::Tcp,
+        }
+    }
+}
+
+fn config(mode: impl Into<Mode>) -> Config {
+    match mode.into() {
+        Mode::Mem => Config { timeout: TIMEOUT, ..test_config(TransportKind::Mem) },
+        Mode::Tcp => Config { timeout: TIMEOUT, ..test_config(TransportKind::Tcp) },
+        Mode::TcpSimplex => Config { timeout: TIMEOUT, flow_label: 0x5a000, ..test_config(TransportKind::Tcp) },
+    }
+}
+
+const TRANSPORTS: [Mode; 3] = [Mode::Mem, Mode::Tcp, Mode::TcpSimplex];
 
 /// Runs `body` on n ranks; returns (rank, result, elapsed) per rank.
-fn ranks<F>(transport: TransportKind, n: usize, body: F) -> Vec<(usize, Result<(), Error>, Duration)>
+fn ranks<F>(transport: impl Into<Mode>, n: usize, body: F) -> Vec<(usize, Result<(), Error>, Duration)>
 where
     F: Fn(usize, &mut Communicator) -> Result<(), Error> + Send + Sync + Clone + 'static,
 {
@@ -270,7 +292,7 @@ fn bad_arguments_are_rejected_and_reported_to_peers() {
 fn abort_from_another_thread_ends_a_wait() {
     for transport in TRANSPORTS {
         let results =
-            run_ranks(2, Config { timeout: Duration::from_secs(60), ..test_config(transport) }, |rank, mut comm| {
+            run_ranks(2, Config { timeout: Duration::from_secs(60), ..config(transport) }, |rank, mut comm| {
                 if rank == 1 {
                     std::thread::sleep(Duration::from_secs(1));
                     return None;

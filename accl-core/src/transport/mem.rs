@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{
-    Connecting, Doorbell, Header, LaneError, LaneSetup, Listener, MemoryRegion, Provider, RecvLane, SendLane,
+    Connecting, Doorbell, Header, LaneEnds, LaneError, LaneSetup, Listener, MemoryRegion, Provider, RecvLane, SendLane,
     WaitSource,
 };
 use crate::error::{Error, Result};
@@ -46,9 +46,13 @@ impl Default for MemProvider {
     }
 }
 
+/// A lane waiting to be accepted: its setup, the channel towards the listener, and the
+/// channel back for duplex lanes.
+type Incoming = (LaneSetup, Arc<Channel>, Option<Arc<Channel>>);
+
 struct ListenerShared {
     bell: Arc<Doorbell>,
-    incoming: Mutex<VecDeque<(LaneSetup, Arc<Channel>)>>,
+    incoming: Mutex<VecDeque<Incoming>>,
 }
 
 impl Provider for MemProvider {
@@ -75,14 +79,23 @@ impl Provider for MemProvider {
                     setup.rank, setup.peer
                 ))
             })?;
-        let channel = Arc::new(Channel {
-            state: Mutex::new(ChannelState::default()),
-            sender_bell: self.bell.clone(),
-            receiver_bell: id.bell.clone(),
-        });
-        lock(&id.incoming).push_back((*setup, channel.clone()));
+        let channel = |from: &Arc<Doorbell>, to: &Arc<Doorbell>| {
+            Arc::new(Channel {
+                state: Mutex::new(ChannelState::default()),
+                sender_bell: from.clone(),
+                receiver_bell: to.clone(),
+            })
+        };
+        let out = channel(&self.bell, &id.bell);
+        let back = setup.duplex.then(|| channel(&id.bell, &self.bell));
+        lock(&id.incoming).push_back((*setup, out.clone(), back.clone()));
         id.bell.ring();
-        Ok(Box::new(MemConnecting { lane: Some(MemSendLane { channel, posted: 0, completed: 0 }) }))
+        Ok(Box::new(MemConnecting {
+            ends: Some(LaneEnds {
+                send: Some(Box::new(MemSendLane { channel: out, posted: 0, completed: 0 })),
+                recv: back.map(|c| Box::new(MemRecvLane { channel: c, posted: VecDeque::new() }) as Box<dyn RecvLane>),
+            }),
+        }))
     }
 
     fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
@@ -106,9 +119,13 @@ impl Listener for MemListener {
         self.id.to_le_bytes().to_vec()
     }
 
-    fn accept(&mut self) -> Result<Option<(LaneSetup, Box<dyn RecvLane>)>> {
-        Ok(lock(&self.shared.incoming).pop_front().map(|(setup, channel)| {
-            (setup, Box::new(MemRecvLane { channel, posted: VecDeque::new() }) as Box<dyn RecvLane>)
+    fn accept(&mut self) -> Result<Option<(LaneSetup, LaneEnds)>> {
+        Ok(lock(&self.shared.incoming).pop_front().map(|(setup, towards_us, back)| {
+            let ends = LaneEnds {
+                send: back.map(|c| Box::new(MemSendLane { channel: c, posted: 0, completed: 0 }) as Box<dyn SendLane>),
+                recv: Some(Box::new(MemRecvLane { channel: towards_us, posted: VecDeque::new() })),
+            };
+            (setup, ends)
         }))
     }
 
@@ -118,12 +135,12 @@ impl Listener for MemListener {
 }
 
 struct MemConnecting {
-    lane: Option<MemSendLane>,
+    ends: Option<LaneEnds>,
 }
 
 impl Connecting for MemConnecting {
-    fn poll(&mut self) -> Result<Option<Box<dyn SendLane>>> {
-        Ok(self.lane.take().map(|l| Box::new(l) as Box<dyn SendLane>))
+    fn poll(&mut self) -> Result<Option<LaneEnds>> {
+        Ok(self.ends.take())
     }
 
     fn wait_source(&self) -> Option<WaitSource> {

@@ -46,6 +46,16 @@ pub struct LaneSetup {
     pub lane: usize,
     /// IPv6 flow label the lane's packets carry (0: none requested).
     pub flow_label: u32,
+    /// One connection carries both directions (only the lower rank connects); otherwise
+    /// each direction has its own connection, made by its sender.
+    pub duplex: bool,
+}
+
+/// The ends of a lane connection this rank holds: a simplex connection gives the connecting
+/// rank a send end and the accepting rank a receive end; a duplex one gives each rank both.
+pub struct LaneEnds {
+    pub send: Option<Box<dyn SendLane>>,
+    pub recv: Option<Box<dyn RecvLane>>,
 }
 
 /// Registered memory; transports that need no registration hand back a key of 0.
@@ -106,7 +116,7 @@ pub trait Listener: Send {
     /// Opaque bytes a peer passes to [`Provider::connect`] (for TCP: address and port).
     fn handle(&self) -> Vec<u8>;
     /// Accepts one lane if one is ready; never blocks.
-    fn accept(&mut self) -> Result<Option<(LaneSetup, Box<dyn RecvLane>)>>;
+    fn accept(&mut self) -> Result<Option<(LaneSetup, LaneEnds)>>;
     /// What to wait on for the next `accept`.
     fn wait_sources(&self) -> Vec<WaitSource>;
 }
@@ -114,7 +124,7 @@ pub trait Listener: Send {
 /// A connection in progress.
 pub trait Connecting: Send {
     /// Advances the handshake; returns the lane once it is established. Never blocks.
-    fn poll(&mut self) -> Result<Option<Box<dyn SendLane>>>;
+    fn poll(&mut self) -> Result<Option<LaneEnds>>;
     /// What to wait on for the next `poll`.
     fn wait_source(&self) -> Option<WaitSource>;
 }
@@ -142,6 +152,9 @@ pub trait SendLane: Send {
     fn check_peer(&mut self) -> Result<(), LaneError>;
     /// What to wait on (readable: notice; writable: room to send); `None`: nothing to wait for.
     fn wait_source(&self) -> Option<WaitSource>;
+    /// Best effort, never blocks: on a duplex lane the notice of [`RecvLane::send_notice`]
+    /// travels this way instead.
+    fn send_notice(&mut self, _notice: &[u8]) {}
     /// The IPv6 flow label this lane's packets carry (0 when none was set).
     fn flow_label(&self) -> u32 {
         0
@@ -170,9 +183,14 @@ pub trait RecvLane: Send {
     /// Checks, without blocking, whether the sender is gone (only reported once no data that
     /// it sent before leaving is still unread).
     fn check_peer(&mut self) -> Result<(), LaneError>;
+    /// A failure notice waiting at the front of the stream, if any (for a lane that broke:
+    /// the peer may have said why before it went away).
+    fn take_notice(&mut self) -> Option<Vec<u8>> {
+        None
+    }
     /// Best effort, never blocks: tells the sender that this rank failed, so that it fails too
-    /// instead of waiting for its timeout.
-    fn send_notice(&mut self, notice: &[u8]);
+    /// instead of waiting for its timeout (simplex lanes; duplex ones use the send end).
+    fn send_notice(&mut self, _notice: &[u8]) {}
     /// What to wait on; `None`: nothing to wait for.
     fn wait_source(&self) -> Option<WaitSource>;
 }

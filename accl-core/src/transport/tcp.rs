@@ -1,7 +1,10 @@
 //! The TCP provider: one socket per lane, IPv6 first, optional IPv6 flow label per lane.
 //!
-//! Lanes are one-way: the sending rank connects, so the flow label it asks for is the one its
-//! data packets carry. The reverse direction of each socket carries nothing but a failure notice.
+//! A lane is either duplex or simplex. Duplex (the default without flow labels): the lower rank
+//! connects and both directions share the socket, so each side's data carries the ACKs of the
+//! other side's (what makes small messages fast). Simplex (with flow labels): each direction has
+//! its own socket, connected by its sender, so the flow label it asks for is the one its data
+//! packets carry; the reverse direction then carries nothing but a failure notice.
 //! Payloads move straight between the caller's buffers and the socket (`sendmsg`/`readv` with a
 //! header and the payload in one call), never through an intermediate copy.
 
@@ -10,18 +13,23 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::{SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{
-    Connecting, Header, LaneError, LaneSetup, Listener, MemoryRegion, Provider, RecvLane, SendLane, WaitSource,
-    HEADER_LEN,
+    Connecting, Header, LaneEnds, LaneError, LaneSetup, Listener, MemoryRegion, Provider, RecvLane, SendLane,
+    WaitSource, HEADER_LEN,
 };
 use crate::addr::{format_socket_addr, parse_socket_addr};
 use crate::error::{Error, Result};
 
 const HELLO_MAGIC: u32 = 0x4143_4c31; // "ACL1"
 const HELLO_LEN: usize = 32;
+/// Leads a failure notice sent in band on a duplex lane, where a data header would be.
+const NOTICE_MAGIC: u16 = 0xACCE;
+/// Longest notice body read back.
+const MAX_NOTICE: usize = 4096;
 /// iovecs per system call: enough to batch many small messages.
 const MAX_IOV: usize = 64;
 
@@ -118,6 +126,7 @@ impl Provider for TcpProvider {
         hello[16..20].copy_from_slice(&(setup.peer as u32).to_le_bytes());
         hello[20..24].copy_from_slice(&(setup.lane as u32).to_le_bytes());
         hello[24..28].copy_from_slice(&setup.flow_label.to_le_bytes());
+        hello[28] = u8::from(setup.duplex);
         Ok(Box::new(TcpConnecting { sock: Some(sock), hello, sent: 0, setup: *setup, target: text.into_owned() }))
     }
 
@@ -139,7 +148,7 @@ impl Listener for TcpListener {
         self.handle.clone()
     }
 
-    fn accept(&mut self) -> Result<Option<(LaneSetup, Box<dyn RecvLane>)>> {
+    fn accept(&mut self) -> Result<Option<(LaneSetup, LaneEnds)>> {
         loop {
             match self.sock.accept() {
                 Ok((s, _)) => {
@@ -179,8 +188,12 @@ impl Listener for TcpListener {
                     peer: word(16) as usize,
                     lane: word(20) as usize,
                     flow_label: word(24),
+                    duplex: hello[28] != 0,
                 };
-                return Ok(Some((setup, Box::new(TcpRecvLane::new(sock)))));
+                let sock = Arc::new(sock);
+                let send = setup.duplex.then(|| Box::new(TcpSendLane::new(sock.clone(), true, 0)) as Box<dyn SendLane>);
+                let recv: Box<dyn RecvLane> = Box::new(TcpRecvLane::new(sock, setup.duplex));
+                return Ok(Some((setup, LaneEnds { send, recv: Some(recv) })));
             }
             i += 1;
         }
@@ -203,7 +216,7 @@ struct TcpConnecting {
 }
 
 impl Connecting for TcpConnecting {
-    fn poll(&mut self) -> Result<Option<Box<dyn SendLane>>> {
+    fn poll(&mut self) -> Result<Option<LaneEnds>> {
         let sock = self.sock.as_ref().expect("polled after completion");
         let ctx = |e| {
             Error::io(
@@ -227,14 +240,11 @@ impl Connecting for TcpConnecting {
                 Err(e) => return Err(ctx(e)),
             }
         }
-        let sock = self.sock.take().expect("checked above");
-        Ok(Some(Box::new(TcpSendLane {
-            sock,
-            queue: VecDeque::new(),
-            peer_gone: None,
-            notice: Vec::new(),
-            flow_label: self.setup.flow_label,
-        })))
+        let sock = Arc::new(self.sock.take().expect("checked above"));
+        let duplex = self.setup.duplex;
+        let recv = duplex.then(|| Box::new(TcpRecvLane::new(sock.clone(), true)) as Box<dyn RecvLane>);
+        let send: Box<dyn SendLane> = Box::new(TcpSendLane::new(sock, duplex, self.setup.flow_label));
+        Ok(Some(LaneEnds { send: Some(send), recv }))
     }
 
     fn wait_source(&self) -> Option<WaitSource> {
@@ -255,13 +265,21 @@ struct PendingSend {
 unsafe impl Send for PendingSend {}
 
 struct TcpSendLane {
-    sock: Socket,
+    sock: Arc<Socket>,
+    /// The socket also carries the peer's data to our receive end, which owns reading it.
+    duplex: bool,
     queue: VecDeque<PendingSend>,
     /// Why the receiver is known to be gone.
     peer_gone: Option<String>,
     /// Bytes of a failure notice read so far.
     notice: Vec<u8>,
     flow_label: u32,
+}
+
+impl TcpSendLane {
+    fn new(sock: Arc<Socket>, duplex: bool, flow_label: u32) -> TcpSendLane {
+        TcpSendLane { sock, duplex, queue: VecDeque::new(), peer_gone: None, notice: Vec::new(), flow_label }
+    }
 }
 
 impl SendLane for TcpSendLane {
@@ -356,6 +374,9 @@ impl SendLane for TcpSendLane {
     }
 
     fn check_peer(&mut self) -> Result<(), LaneError> {
+        if self.duplex {
+            return Ok(()); // the receive end reads this socket and reports
+        }
         let mut buf = [0u8; 512];
         loop {
             match read_some(&self.sock, &mut buf) {
@@ -392,9 +413,28 @@ impl SendLane for TcpSendLane {
         }
     }
 
+    fn send_notice(&mut self, notice: &[u8]) {
+        if !self.duplex {
+            return;
+        }
+        if self.queue.front().is_some_and(|m| m.done > 0) {
+            // Mid-message: a notice would be read as payload. Hang up instead.
+            let _ = self.sock.shutdown(std::net::Shutdown::Write);
+            return;
+        }
+        let body = &notice[..notice.len().min(MAX_NOTICE)];
+        let mut frame = vec![0u8; HEADER_LEN];
+        frame[0..2].copy_from_slice(&NOTICE_MAGIC.to_le_bytes());
+        frame[28..32].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(body);
+        if send_some(&self.sock, &frame).map_or(true, |n| n < frame.len()) {
+            let _ = self.sock.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
     fn wait_source(&self) -> Option<WaitSource> {
         let mut events = 0;
-        if self.peer_gone.is_none() {
+        if self.peer_gone.is_none() && !self.duplex {
             events |= libc::POLLIN;
         }
         if !self.queue.is_empty() {
@@ -421,16 +461,42 @@ struct PendingRecv {
 unsafe impl Send for PendingRecv {}
 
 struct TcpRecvLane {
-    sock: Socket,
+    sock: Arc<Socket>,
+    duplex: bool,
     queue: VecDeque<PendingRecv>,
     /// The sender hung up (with or without unread data left): stop asking poll about it.
     hangup_seen: bool,
+    /// Duplex, idle: data of a later message is waiting, so readable means nothing new.
+    data_waiting: bool,
 }
 
 impl TcpRecvLane {
-    fn new(sock: Socket) -> TcpRecvLane {
-        TcpRecvLane { sock, queue: VecDeque::new(), hangup_seen: false }
+    fn new(sock: Arc<Socket>, duplex: bool) -> TcpRecvLane {
+        TcpRecvLane { sock, duplex, queue: VecDeque::new(), hangup_seen: false, data_waiting: false }
     }
+
+    /// Reads the rest of an in-band notice whose header arrived and whose first `have` body
+    /// bytes are in `prefix`; the sender wrote it in one piece, so the rest is (nearly) here.
+    fn finish_notice(&self, header: &Header, prefix: &[u8]) -> LaneError {
+        let len = (u32::from_le_bytes(header[28..32].try_into().expect("4 bytes")) as usize).min(MAX_NOTICE);
+        let mut body = prefix[..prefix.len().min(len)].to_vec();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        let mut buf = [0u8; 512];
+        while body.len() < len && std::time::Instant::now() < deadline {
+            let want = (len - body.len()).min(buf.len());
+            match read_some(&self.sock, &mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(_) => break,
+            }
+        }
+        LaneError::Notice(body)
+    }
+}
+
+fn is_notice(header: &Header) -> bool {
+    u16::from_le_bytes([header[0], header[1]]) == NOTICE_MAGIC
 }
 
 impl RecvLane for TcpRecvLane {
@@ -442,15 +508,16 @@ impl RecvLane for TcpRecvLane {
         _mr: Option<&MemoryRegion>,
     ) -> Result<(), LaneError> {
         self.queue.push_back(PendingRecv { expect: *expect, header: [0; HEADER_LEN], data, len, done: 0 });
+        self.data_waiting = false;
         Ok(())
     }
 
     fn progress(&mut self) -> Result<usize, LaneError> {
         let mut completed = 0;
         loop {
-            // One call reads the headers and payloads of as many posted receives as fit; each
-            // header is checked as soon as it is complete. Payload bytes of a message whose
-            // header turns out wrong land in its posted buffer, and the lane fails.
+            // One call reads the headers and payloads of as many posted receives as fit, but
+            // stops after the payload of a message whose header it has not checked yet: a
+            // wrong header (a mismatch, or an in-band notice) spills into that one buffer only.
             if self.queue.is_empty() {
                 break;
             }
@@ -476,6 +543,9 @@ impl RecvLane for TcpRecvLane {
                     });
                     n_iov += 1;
                     want += item.len - data_done;
+                }
+                if item.done < HEADER_LEN {
+                    break;
                 }
             }
             if want == 0 {
@@ -506,6 +576,13 @@ impl RecvLane for TcpRecvLane {
                 item.done += step;
                 read -= step;
                 if before < HEADER_LEN && item.done >= HEADER_LEN && item.header != item.expect {
+                    if self.duplex && is_notice(&item.header) {
+                        let got = item.done - HEADER_LEN;
+                        // SAFETY: `got` payload bytes were just read into the posted buffer.
+                        let prefix = unsafe { std::slice::from_raw_parts(item.data, got) };
+                        let header = item.header;
+                        return Err(self.finish_notice(&header, prefix));
+                    }
                     return Err(LaneError::Mismatch { expected: item.expect, got: item.header });
                 }
                 idx += 1;
@@ -530,22 +607,36 @@ impl RecvLane for TcpRecvLane {
     }
 
     fn check_peer(&mut self) -> Result<(), LaneError> {
-        if !self.queue.is_empty() {
-            return Ok(()); // progress() reads and reports EOF itself
+        if !self.queue.is_empty() || self.data_waiting {
+            return Ok(()); // progress() reads and reports EOF and notices itself
         }
-        let mut b = [0u8; 1];
-        // SAFETY: valid buffer of 1 byte.
+        let mut peek = [0u8; HEADER_LEN];
+        // SAFETY: valid buffer.
         let rc = unsafe {
-            libc::recv(self.sock.as_raw_fd(), b.as_mut_ptr() as *mut _, 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            libc::recv(
+                self.sock.as_raw_fd(),
+                peek.as_mut_ptr() as *mut _,
+                HEADER_LEN,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
         };
-        if rc >= 0 {
-            // Data left (rc > 0) is read by later receives, which also meet the end of stream.
-            self.hangup_seen = true;
-        }
         if rc == 0 {
+            self.hangup_seen = true;
             return Err(LaneError::Closed("the sending rank closed the connection".into()));
         }
         if rc > 0 {
+            let n = rc as usize;
+            if self.duplex && n >= 2 && is_notice(&peek) {
+                if n == HEADER_LEN {
+                    let mut header = [0u8; HEADER_LEN];
+                    let _ = read_some(&self.sock, &mut header);
+                    return Err(self.finish_notice(&header, &[]));
+                }
+                return Ok(()); // the rest of the notice header is on its way
+            }
+            // Data of a later message (later receives also meet any end of stream behind it).
+            self.data_waiting = true;
+            self.hangup_seen = true;
             return Ok(());
         }
         let e = io::Error::last_os_error();
@@ -555,7 +646,34 @@ impl RecvLane for TcpRecvLane {
         }
     }
 
+    fn take_notice(&mut self) -> Option<Vec<u8>> {
+        if !self.duplex || self.queue.front().is_some_and(|m| m.done > 0) {
+            return None;
+        }
+        let mut header = [0u8; HEADER_LEN];
+        // SAFETY: valid buffer.
+        let rc = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                header.as_mut_ptr() as *mut _,
+                HEADER_LEN,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if rc != HEADER_LEN as isize || !is_notice(&header) {
+            return None;
+        }
+        let _ = read_some(&self.sock, &mut header);
+        match self.finish_notice(&header, &[]) {
+            LaneError::Notice(body) => Some(body),
+            _ => None,
+        }
+    }
+
     fn send_notice(&mut self, notice: &[u8]) {
+        if self.duplex {
+            return; // the send end carries it in band
+        }
         let mut framed = (notice.len() as u32).to_le_bytes().to_vec();
         framed.extend_from_slice(notice);
         let _ = send_some(&self.sock, &framed);
@@ -563,7 +681,8 @@ impl RecvLane for TcpRecvLane {
 
     fn wait_source(&self) -> Option<WaitSource> {
         let mut events = 0;
-        if !self.queue.is_empty() {
+        // Idle duplex lanes watch for in-band notices too.
+        if !self.queue.is_empty() || (self.duplex && !self.data_waiting) {
             events |= libc::POLLIN;
         }
         if !self.hangup_seen {
