@@ -11,7 +11,7 @@ use crate::bootstrap::{Bootstrap, UniqueId};
 use crate::config::{env_var, Config, TransportKind};
 use crate::dtype::{DataType, Element, ReduceOp};
 use crate::error::{Error, Result};
-use crate::exec::{encode_notice, execute, AbortState, Buffers, CallInfo, Context, PeerLanes};
+use crate::exec::{encode_notice, execute, AbortState, Buffers, CallInfo, Context, ExecState, PeerLanes};
 use crate::reduce::Reducer;
 use crate::transport::mem::MemProvider;
 use crate::transport::tcp::TcpProvider;
@@ -142,6 +142,7 @@ pub struct Communicator {
     schedules: HashMap<Plan, Arc<Schedule>>,
     /// The schedule of the previous call: loops repeat one shape, so look there first.
     last_schedule: Option<(Plan, Arc<Schedule>)>,
+    exec_state: ExecState,
 }
 
 impl Communicator {
@@ -284,6 +285,7 @@ impl Communicator {
             reducer: Reducer::new(config.reduce_threads),
             schedules: HashMap::new(),
             last_schedule: None,
+            exec_state: ExecState::default(),
             config,
         })
     }
@@ -524,7 +526,7 @@ impl Communicator {
             reducer: &self.reducer,
         };
         // SAFETY: buffers validated by the caller; scratch sized for the schedule.
-        unsafe { execute(&mut ctx, &sched, bufs, info) }
+        unsafe { execute(&mut ctx, &sched, bufs, info, &mut self.exec_state) }
     }
 
     /// Marks the communicator failed and tells every peer why, so none waits for its timeout.

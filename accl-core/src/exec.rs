@@ -163,29 +163,63 @@ struct Run<'s, 'c, 'a> {
     recvs_posted: Vec<usize>,
 }
 
+/// Bookkeeping vectors of a run, kept by the communicator so that a call allocates nothing.
+#[derive(Default)]
+pub struct ExecState {
+    remaining_deps: Vec<u32>,
+    chunks_left: Vec<u32>,
+    ready_local: VecDeque<u32>,
+    sends_posted: Vec<usize>,
+    recvs_posted: Vec<usize>,
+}
+
 /// Runs `sched` to completion. On error the lanes may hold partial messages: the caller must
 /// treat the communicator as failed.
 ///
 /// # Safety
 /// `bufs` must point at buffers large enough for every region of `sched`, valid for the whole
 /// call, with `input` not written by anyone (unless it aliases `output` in place).
-pub unsafe fn execute(ctx: &mut Context<'_>, sched: &Schedule, bufs: Buffers, info: CallInfo) -> Result<()> {
-    let n = sched.steps.len();
+pub unsafe fn execute(
+    ctx: &mut Context<'_>,
+    sched: &Schedule,
+    bufs: Buffers,
+    info: CallInfo,
+    state: &mut ExecState,
+) -> Result<()> {
+    let mut st = std::mem::take(state);
+    st.remaining_deps.clear();
+    st.remaining_deps.extend_from_slice(&sched.dep_count);
+    st.chunks_left.clear();
+    st.chunks_left.resize(sched.steps.len(), 0);
+    st.ready_local.clear();
+    st.ready_local.extend(sched.initial.iter().copied());
+    st.sends_posted.clear();
+    st.sends_posted.resize(sched.sends.len(), 0);
+    st.recvs_posted.clear();
+    st.recvs_posted.resize(sched.recvs.len(), 0);
     let nranks = ctx.peers.len();
     let mut run = Run {
         sched,
         bufs,
         info,
         nranks,
-        remaining_deps: sched.dep_count.clone(),
-        chunks_left: vec![0; n],
+        remaining_deps: st.remaining_deps,
+        chunks_left: st.chunks_left,
         done_count: 0,
-        ready_local: sched.initial.iter().copied().collect(),
-        sends_posted: vec![0; sched.sends.len()],
-        recvs_posted: vec![0; sched.recvs.len()],
+        ready_local: st.ready_local,
+        sends_posted: st.sends_posted,
+        recvs_posted: st.recvs_posted,
         ctx,
     };
-    run.run()
+    let result = run.run();
+    *state = ExecState {
+        remaining_deps: run.remaining_deps,
+        chunks_left: run.chunks_left,
+        ready_local: run.ready_local,
+        sends_posted: run.sends_posted,
+        recvs_posted: run.recvs_posted,
+    };
+    result
 }
 
 impl Run<'_, '_, '_> {
