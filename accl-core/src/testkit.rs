@@ -226,7 +226,7 @@ pub fn run_suite(comm: &mut Communicator, opts: &SuiteOptions) -> Result<usize, 
                 for op in ReduceOp::ALL {
                     for &count in &opts.counts {
                         for in_place in [false, true] {
-                            one_call(comm, coll, dtype, op, count, in_place, calls as u64)?;
+                            one_call(comm, Call { coll, dtype, op, count, in_place, salt: calls as u64 })?;
                             calls += 1;
                         }
                     }
@@ -234,7 +234,8 @@ pub fn run_suite(comm: &mut Communicator, opts: &SuiteOptions) -> Result<usize, 
                 if matches!(dtype, DataType::F32 | DataType::I32 | DataType::Bf16) {
                     for &count in &opts.large_counts {
                         for in_place in [false, true] {
-                            one_call(comm, coll, dtype, ReduceOp::Sum, count, in_place, calls as u64)?;
+                            let op = ReduceOp::Sum;
+                            one_call(comm, Call { coll, dtype, op, count, in_place, salt: calls as u64 })?;
                             calls += 1;
                         }
                     }
@@ -258,7 +259,8 @@ pub fn run_suite(comm: &mut Communicator, opts: &SuiteOptions) -> Result<usize, 
                     opts.counts.iter().chain(if dtype == DataType::F32 { &opts.large_counts[..] } else { &[] });
                 for &count in counts {
                     for in_place in [false, true] {
-                        one_call(comm, coll, dtype, ReduceOp::Sum, count, in_place, calls as u64)?;
+                        let op = ReduceOp::Sum;
+                        one_call(comm, Call { coll, dtype, op, count, in_place, salt: calls as u64 })?;
                         calls += 1;
                     }
                 }
@@ -270,29 +272,24 @@ pub fn run_suite(comm: &mut Communicator, opts: &SuiteOptions) -> Result<usize, 
     Ok(calls + 1)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn one_call(
-    comm: &mut Communicator,
+/// One checked call of the suite.
+#[derive(Clone, Copy)]
+struct Call {
     coll: Collective,
     dtype: DataType,
     op: ReduceOp,
     count: usize,
     in_place: bool,
+    /// Varies the data (and the root) from call to call.
     salt: u64,
-) -> Result<(), Box<dyn std::error::Error>> {
-    by_dtype!(dtype, call_typed::<T>(comm, coll, dtype, op, count, in_place, salt))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn call_typed<T: Val>(
-    comm: &mut Communicator,
-    coll: Collective,
-    dtype: DataType,
-    op: ReduceOp,
-    count: usize,
-    in_place: bool,
-    salt: u64,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn one_call(comm: &mut Communicator, call: Call) -> Result<(), Box<dyn std::error::Error>> {
+    by_dtype!(call.dtype, call_typed::<T>(comm, call))
+}
+
+fn call_typed<T: Val>(comm: &mut Communicator, call: Call) -> Result<(), Box<dyn std::error::Error>> {
+    let Call { coll, dtype, op, count, in_place, salt } = call;
     let (r, n, e) = (comm.rank(), comm.nranks(), dtype.size());
     let root = (salt as usize) % n;
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);

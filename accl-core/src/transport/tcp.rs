@@ -611,38 +611,23 @@ impl RecvLane for TcpRecvLane {
             return Ok(()); // progress() reads and reports EOF and notices itself
         }
         let mut peek = [0u8; HEADER_LEN];
-        // SAFETY: valid buffer.
-        let rc = unsafe {
-            libc::recv(
-                self.sock.as_raw_fd(),
-                peek.as_mut_ptr() as *mut _,
-                HEADER_LEN,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if rc == 0 {
-            self.hangup_seen = true;
-            return Err(LaneError::Closed("the sending rank closed the connection".into()));
-        }
-        if rc > 0 {
-            let n = rc as usize;
-            if self.duplex && n >= 2 && is_notice(&peek) {
-                if n == HEADER_LEN {
-                    let mut header = [0u8; HEADER_LEN];
-                    let _ = read_some(&self.sock, &mut header);
-                    return Err(self.finish_notice(&header, &[]));
-                }
-                return Ok(()); // the rest of the notice header is on its way
+        match peek_some(&self.sock, &mut peek) {
+            Ok(0) => {
+                self.hangup_seen = true;
+                Err(LaneError::Closed("the sending rank closed the connection".into()))
             }
-            // Data of a later message (later receives also meet any end of stream behind it).
-            self.data_waiting = true;
-            self.hangup_seen = true;
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
-            _ => Err(LaneError::Closed(format!("connection lost: {e}"))),
+            Ok(n) if self.duplex && n >= 2 && is_notice(&peek) => match self.take_notice() {
+                Some(body) => Err(LaneError::Notice(body)),
+                None => Ok(()), // the rest of the notice header is on its way
+            },
+            Ok(_) => {
+                // Data of a later message (later receives also meet any end of stream behind it).
+                self.data_waiting = true;
+                self.hangup_seen = true;
+                Ok(())
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => Ok(()),
+            Err(e) => Err(LaneError::Closed(format!("connection lost: {e}"))),
         }
     }
 
@@ -651,16 +636,7 @@ impl RecvLane for TcpRecvLane {
             return None;
         }
         let mut header = [0u8; HEADER_LEN];
-        // SAFETY: valid buffer.
-        let rc = unsafe {
-            libc::recv(
-                self.sock.as_raw_fd(),
-                header.as_mut_ptr() as *mut _,
-                HEADER_LEN,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if rc != HEADER_LEN as isize || !is_notice(&header) {
+        if !peek_some(&self.sock, &mut header).is_ok_and(|n| n == HEADER_LEN) || !is_notice(&header) {
             return None;
         }
         let _ = read_some(&self.sock, &mut header);
@@ -693,8 +669,17 @@ impl RecvLane for TcpRecvLane {
 }
 
 fn read_some(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(sock, buf, libc::MSG_DONTWAIT)
+}
+
+/// Looks at what is waiting without consuming it.
+fn peek_some(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(sock, buf, libc::MSG_DONTWAIT | libc::MSG_PEEK)
+}
+
+fn recv_flags(sock: &Socket, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: valid buffer.
-    let rc = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), libc::MSG_DONTWAIT) };
+    let rc = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), flags) };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {

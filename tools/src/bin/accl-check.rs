@@ -83,13 +83,15 @@ fn expect_blame(err: Error, culprit: usize, started: Instant) -> Result<String, 
 fn die(rank: usize, victim: usize) -> Result<String, String> {
     let mut comm = Communicator::from_env().map_err(|e| format!("init: {e}"))?;
     let mut buf = vec![1.0f32; 1 << 18];
-    comm.all_reduce_in_place(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string())?;
+    let started = Instant::now();
     if rank == victim {
+        comm.all_reduce_in_place(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string())?;
         // SAFETY: kill(2) on our own pid.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         unreachable!("SIGKILL returned");
     }
-    let started = Instant::now();
+    // The victim may die while a survivor is still in the first call (a killed process's
+    // unsent data is lost), so every call counts.
     loop {
         if let Err(e) = comm.all_reduce_in_place(&mut buf, ReduceOp::Sum) {
             return expect_blame(e, victim, started);
