@@ -117,7 +117,9 @@ fn main() {
             // accl's messages often start with the rank already.
             let msg = e.to_string();
             let msg = msg.strip_prefix(&format!("rank {rank}: ")).unwrap_or(&msg);
-            eprintln!("accl-perf: rank {rank}: {msg}");
+            // One write, so that lines of ranks failing together do not interleave.
+            let line = format!("accl-perf: rank {rank}: {msg}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             std::process::exit(1);
         }
     }
