@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::algo::{Buf, Collective, Region, Schedule, Step};
@@ -578,6 +577,3 @@ fn decode_notice(rank: usize, peer: usize, body: &[u8]) -> Error {
         reason: String::from_utf8_lossy(&body[8..]).into_owned(),
     }
 }
-
-/// Keeps the Arc type in the public signature of the communicator's abort handle.
-pub type SharedAbort = Arc<AbortState>;

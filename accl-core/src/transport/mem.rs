@@ -97,10 +97,6 @@ impl Provider for MemProvider {
             }),
         }))
     }
-
-    fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
-        Ok(MemoryRegion { addr, len, key: 0 })
-    }
 }
 
 struct MemListener {

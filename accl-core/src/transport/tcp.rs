@@ -129,10 +129,6 @@ impl Provider for TcpProvider {
         hello[28] = u8::from(setup.duplex);
         Ok(Box::new(TcpConnecting { sock: Some(sock), hello, sent: 0, setup: *setup, target: text.into_owned() }))
     }
-
-    fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
-        Ok(MemoryRegion { addr, len, key: 0 })
-    }
 }
 
 struct TcpListener {
