@@ -557,11 +557,8 @@ impl Communicator {
             Some(r) => (r.as_mut_ptr() as *mut u8, std::mem::size_of_val(r)),
             None => (std::ptr::null_mut(), 0),
         };
-        let check = if in_place {
-            self.check_args(&args, have_out.min(self.in_place_input_bytes(&args)), have_out)
-        } else {
-            self.check_args(&args, have_in, have_out)
-        };
+        // In place, the input lives in the one buffer too.
+        let check = self.check_args(&args, if in_place { have_out } else { have_in }, have_out);
         if let Err(e) = check {
             self.fail(&e);
             return Err(e);
@@ -569,17 +566,6 @@ impl Communicator {
         let in_ptr = send.map_or(out_ptr as *const u8, |s| s.as_ptr() as *const u8);
         // SAFETY: lengths checked above; the borrows keep both slices alive and exclusive.
         unsafe { self.call(&args, in_ptr, out_ptr, in_place) }
-    }
-
-    /// In place, the input lives in the output buffer: allgather reads only its own block.
-    fn in_place_input_bytes(&self, args: &CollArgs) -> usize {
-        args.buffer_bytes(self.rank, self.nranks).map_or(0, |(i, o)| {
-            if args.coll == Collective::AllGather {
-                o
-            } else {
-                i.max(o)
-            }
-        })
     }
 
     fn blocks(&self, len: usize, what: &str) -> Result<usize> {

@@ -5,19 +5,15 @@
 mod common;
 
 use accl_core::testkit::{run_suite, SuiteOptions};
-use accl_core::TransportKind;
+use accl_core::{Config, TransportKind};
 use common::{run_ranks, test_config};
 
-fn suite(transport: TransportKind, nranks: usize) {
-    suite_with(test_config(transport), nranks);
-}
-
 /// TCP with flow labels: one simplex connection per direction and lane.
-fn simplex(nranks: usize) {
-    suite_with(accl_core::Config { flow_label: 0x3a000, ..test_config(TransportKind::Tcp) }, nranks);
+fn simplex() -> Config {
+    Config { flow_label: 0x3a000, ..test_config(TransportKind::Tcp) }
 }
 
-fn suite_with(config: accl_core::Config, nranks: usize) {
+fn suite(config: Config, nranks: usize) {
     let opts = SuiteOptions::around(config.chunk_size);
     let results = run_ranks(nranks, config, move |rank, mut comm| {
         run_suite(&mut comm, &opts).map_err(|e| format!("rank {rank}: {e}"))
@@ -29,35 +25,27 @@ fn suite_with(config: accl_core::Config, nranks: usize) {
 }
 
 macro_rules! suite_tests {
-    ($($name:ident: $transport:expr, $n:expr;)*) => {$(
+    ($($name:ident: $config:expr, $n:expr;)*) => {$(
         #[test]
         fn $name() {
-            suite($transport, $n);
+            suite($config, $n);
         }
     )*};
 }
 
 suite_tests! {
-    mem_1_rank: TransportKind::Mem, 1;
-    mem_2_ranks: TransportKind::Mem, 2;
-    mem_3_ranks: TransportKind::Mem, 3;
-    mem_4_ranks: TransportKind::Mem, 4;
-    mem_5_ranks: TransportKind::Mem, 5;
-    mem_8_ranks: TransportKind::Mem, 8;
-    tcp_1_rank: TransportKind::Tcp, 1;
-    tcp_2_ranks: TransportKind::Tcp, 2;
-    tcp_3_ranks: TransportKind::Tcp, 3;
-    tcp_4_ranks: TransportKind::Tcp, 4;
-    tcp_5_ranks: TransportKind::Tcp, 5;
-    tcp_8_ranks: TransportKind::Tcp, 8;
-}
-
-#[test]
-fn tcp_simplex_3_ranks() {
-    simplex(3);
-}
-
-#[test]
-fn tcp_simplex_4_ranks() {
-    simplex(4);
+    mem_1_rank: test_config(TransportKind::Mem), 1;
+    mem_2_ranks: test_config(TransportKind::Mem), 2;
+    mem_3_ranks: test_config(TransportKind::Mem), 3;
+    mem_4_ranks: test_config(TransportKind::Mem), 4;
+    mem_5_ranks: test_config(TransportKind::Mem), 5;
+    mem_8_ranks: test_config(TransportKind::Mem), 8;
+    tcp_1_rank: test_config(TransportKind::Tcp), 1;
+    tcp_2_ranks: test_config(TransportKind::Tcp), 2;
+    tcp_3_ranks: test_config(TransportKind::Tcp), 3;
+    tcp_4_ranks: test_config(TransportKind::Tcp), 4;
+    tcp_5_ranks: test_config(TransportKind::Tcp), 5;
+    tcp_8_ranks: test_config(TransportKind::Tcp), 8;
+    tcp_simplex_3_ranks: simplex(), 3;
+    tcp_simplex_4_ranks: simplex(), 4;
 }
