@@ -105,6 +105,82 @@ pub struct LaneInfo {
     pub peer: usize,
     pub lane: usize,
     pub flow_label: u32,
+    /// The RoCEv2 UDP source port of the lane's packets (verbs only).
+    pub udp_sport: Option<u16>,
+}
+
+/// The transport a communicator uses, and why.
+struct TransportChoice {
+    kind: TransportKind,
+    reason: String,
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+    selection: Option<crate::transport::ib::Selection>,
+}
+
+/// This rank's RoCE GID, or why it has none.
+fn probe_verbs(
+    settings: &crate::transport::ib::IbSettings,
+) -> std::result::Result<crate::transport::ib::Selection, String> {
+    #[cfg(feature = "verbs")]
+    {
+        crate::transport::verbs::probe(settings)
+    }
+    #[cfg(not(feature = "verbs"))]
+    {
+        let _ = settings;
+        Err("accl was built without the `verbs` feature".into())
+    }
+}
+
+/// Resolves `ACCL_TRANSPORT`: `auto` and `verbs` ask every rank for a usable RoCE v2 GID
+/// (one bootstrap round); auto takes verbs only when all have one.
+fn choose_transport(config: &Config, bootstrap: &mut Bootstrap) -> Result<TransportChoice> {
+    let fixed = |kind: TransportKind| TransportChoice {
+        kind,
+        reason: format!("ACCL_TRANSPORT={}", kind.name()),
+        selection: None,
+    };
+    match config.transport {
+        TransportKind::Tcp | TransportKind::Mem => return Ok(fixed(config.transport)),
+        TransportKind::Auto | TransportKind::Verbs => {}
+    }
+    let probe = probe_verbs(&config.ib);
+    let mut blob = vec![u8::from(probe.is_ok())];
+    blob.extend_from_slice(
+        match &probe {
+            Ok(sel) => sel.to_string(),
+            Err(why) => why.clone(),
+        }
+        .as_bytes(),
+    );
+    let all = bootstrap.allgather(&blob)?;
+    let lacking = all.iter().enumerate().find(|(_, b)| b.first() != Some(&1));
+    match (lacking, probe) {
+        (None, Ok(sel)) => Ok(TransportChoice {
+            kind: TransportKind::Verbs,
+            reason: format!(
+                "{}every rank has a RoCE v2 GID; this rank uses {sel}",
+                if config.transport == TransportKind::Auto { "auto: " } else { "" }
+            ),
+            selection: Some(sel),
+        }),
+        (Some((r, b)), _) => {
+            let why = String::from_utf8_lossy(b.get(1..).unwrap_or_default()).into_owned();
+            if config.transport == TransportKind::Verbs {
+                return Err(Error::InvalidConfig {
+                    name: "ACCL_TRANSPORT".into(),
+                    value: "verbs".into(),
+                    reason: format!("rank {r} has no usable RoCE v2 GID: {why}"),
+                });
+            }
+            Ok(TransportChoice {
+                kind: TransportKind::Tcp,
+                reason: format!("auto: rank {r} has no usable RoCE v2 GID ({why})"),
+                selection: None,
+            })
+        }
+        (None, Err(_)) => unreachable!("this rank's own entry says it has a GID"),
+    }
 }
 
 /// A group of `nranks` ranks that run collectives together.
@@ -130,6 +206,7 @@ pub struct Communicator {
     config: Config,
     comm_id: u64,
     provider_name: &'static str,
+    transport_reason: String,
     peers: Vec<PeerLanes>,
     // Dropped after the lanes: the listener and bootstrap outlive every connection.
     _listener: Box<dyn Listener>,
@@ -150,18 +227,23 @@ impl Communicator {
     pub fn init(id: &UniqueId, rank: usize, nranks: usize, config: Config) -> Result<Communicator> {
         let deadline = Instant::now() + config.timeout;
         let mut bootstrap = Bootstrap::join(id, rank, nranks, config.timeout)?;
-        let provider: Box<dyn Provider> = match config.transport {
-            TransportKind::Tcp => {
-                let local = match (config.listen_addr, bootstrap.local_addr()) {
-                    (Some(ip), _) => SocketAddr::new(ip, 0),
-                    (None, Some(addr)) => addr,
-                    (None, None) => {
-                        return Err(Error::InvalidArgument("cannot tell the local address towards the root".into()))
-                    }
-                };
-                Box::new(TcpProvider::new(local, config.socket_buf))
-            }
+        let local = match (config.listen_addr, bootstrap.local_addr()) {
+            (Some(ip), _) => Some(SocketAddr::new(ip, 0)),
+            (None, addr) => addr,
+        };
+        let need_local =
+            || local.ok_or_else(|| Error::InvalidArgument("cannot tell the local address towards the root".into()));
+        let choice = choose_transport(&config, &mut bootstrap)?;
+        let provider: Box<dyn Provider> = match choice.kind {
+            TransportKind::Tcp | TransportKind::Auto => Box::new(TcpProvider::new(need_local()?, config.socket_buf)),
             TransportKind::Mem => Box::new(MemProvider::new()),
+            #[cfg(feature = "verbs")]
+            TransportKind::Verbs => {
+                let sel = choice.selection.as_ref().expect("verbs is chosen with a GID");
+                Box::new(crate::transport::verbs::VerbsProvider::new(sel, need_local()?, config.ib.clone())?)
+            }
+            #[cfg(not(feature = "verbs"))]
+            TransportKind::Verbs => unreachable!("verbs is never chosen without the feature"),
         };
         let mut listener = provider.listen()?;
         let mut blob = (config.lanes as u32).to_le_bytes().to_vec();
@@ -190,7 +272,7 @@ impl Communicator {
         // Duplex lanes (one socket both ways, connected by the lower rank) unless flow labels
         // are asked for: then every direction gets its own connection from its sender, which
         // is what lets the sender choose the label its data carries.
-        let duplex = config.flow_label == 0;
+        let duplex = provider.duplex_only() || config.flow_label == 0;
         let connects_to = |peer: usize| peer != rank && (!duplex || rank < peer);
         let mut connecting: Vec<(usize, usize, Box<dyn Connecting>)> = Vec::new();
         for peer in (0..nranks).filter(|&p| connects_to(p)) {
@@ -265,8 +347,9 @@ impl Communicator {
         bootstrap.barrier()?;
         if config.debug {
             eprintln!(
-                "accl: rank {rank}/{nranks} ready: transport={} lanes={lanes} flow_label={:#x} comm={comm_id:016x}",
+                "accl: rank {rank}/{nranks} ready: transport={} ({}) lanes={lanes} flow_label={:#x} comm={comm_id:016x}",
                 provider.name(),
+                choice.reason,
                 config.flow_label
             );
         }
@@ -275,6 +358,7 @@ impl Communicator {
             nranks,
             comm_id,
             provider_name: provider.name(),
+            transport_reason: choice.reason,
             peers,
             _listener: listener,
             _bootstrap: bootstrap,
@@ -337,7 +421,12 @@ impl Communicator {
         &self.config
     }
 
-    /// The transport provider's name (`tcp`, `mem`).
+    /// Why this transport was chosen (`ACCL_TRANSPORT`, or what `auto` found).
+    pub fn transport_reason(&self) -> &str {
+        &self.transport_reason
+    }
+
+    /// The transport provider's name (`tcp`, `verbs`, `mem`).
     pub fn transport_name(&self) -> &'static str {
         self.provider_name
     }
@@ -358,7 +447,12 @@ impl Communicator {
             .iter()
             .enumerate()
             .flat_map(|(peer, p)| {
-                p.send.iter().enumerate().map(move |(lane, l)| LaneInfo { peer, lane, flow_label: l.flow_label() })
+                p.send.iter().enumerate().map(move |(lane, l)| LaneInfo {
+                    peer,
+                    lane,
+                    flow_label: l.flow_label(),
+                    udp_sport: l.udp_sport(),
+                })
             })
             .collect()
     }

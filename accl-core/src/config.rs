@@ -8,19 +8,35 @@ use crate::error::{Error, Result};
 /// Which transport provider a communicator uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransportKind {
+    /// Verbs when every rank has a usable RoCE v2 IPv6 GID, else TCP.
+    Auto,
     /// IPv6 (or IPv4) TCP sockets, one per lane.
     Tcp,
+    /// RoCEv2 queue pairs through libibverbs (cargo feature `verbs`).
+    Verbs,
     /// In-process queues: ranks are threads of one process.
     Mem,
 }
 
 impl TransportKind {
-    /// Parses `tcp`, `mem` or `auto` (auto picks tcp until the verbs provider lands).
+    /// Parses `auto`, `tcp`, `verbs` or `mem`.
     pub fn parse(text: &str) -> Option<TransportKind> {
         match text.to_ascii_lowercase().as_str() {
-            "tcp" | "auto" | "" => Some(TransportKind::Tcp),
+            "auto" | "" => Some(TransportKind::Auto),
+            "tcp" => Some(TransportKind::Tcp),
+            "verbs" | "ib" | "roce" => Some(TransportKind::Verbs),
             "mem" => Some(TransportKind::Mem),
             _ => None,
+        }
+    }
+
+    /// The name `ACCL_TRANSPORT` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Auto => "auto",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Verbs => "verbs",
+            TransportKind::Mem => "mem",
         }
     }
 }
@@ -60,6 +76,8 @@ pub struct Config {
     pub socket_buf: usize,
     /// Print init and algorithm choices to stderr (`ACCL_DEBUG=1`).
     pub debug: bool,
+    /// RoCE device, GID and QP settings (`ACCL_IB_*`).
+    pub ib: crate::transport::ib::IbSettings,
 }
 
 impl Default for Config {
@@ -67,7 +85,7 @@ impl Default for Config {
         Config {
             timeout: Duration::from_secs(60),
             lanes: 1,
-            transport: TransportKind::Tcp,
+            transport: TransportKind::Auto,
             algo: AlgoChoice::default(),
             chunk_size: 1 << 20,
             segment_size: 256 << 10,
@@ -78,6 +96,7 @@ impl Default for Config {
             a2a_window: 4,
             socket_buf: 0,
             debug: false,
+            ib: crate::transport::ib::IbSettings::default(),
         }
     }
 }
@@ -137,7 +156,7 @@ impl Config {
         )? {
             c.lanes = n;
         }
-        if let Some(t) = env_parsed("ACCL_TRANSPORT", TransportKind::parse, "expected auto, tcp or mem")? {
+        if let Some(t) = env_parsed("ACCL_TRANSPORT", TransportKind::parse, "expected auto, tcp, verbs or mem")? {
             c.transport = t;
         }
         if let Some(v) = env_var("ACCL_ALGO") {
@@ -182,6 +201,7 @@ impl Config {
             c.socket_buf = n;
         }
         c.debug = env_var("ACCL_DEBUG").is_some_and(|v| v != "0");
+        c.ib = crate::transport::ib::IbSettings::from_env()?;
         Ok(c)
     }
 }

@@ -39,6 +39,9 @@ pub enum Error {
     /// A peer's connection broke: the process died, closed the communicator, or the network failed.
     #[error("rank {rank}: peer rank {peer} failed (lane {lane}): {reason}")]
     PeerFailed { rank: usize, peer: usize, lane: usize, reason: String },
+    /// An RDMA completion error or a queue pair in the error state, on the lane to `peer`.
+    #[error("rank {rank}: RDMA failure on the lane {lane} to peer rank {peer}: {status} (device {device}, GID {gid}, QPN {qpn})")]
+    Completion { rank: usize, peer: usize, lane: usize, device: String, gid: String, qpn: u32, status: String },
     /// Another rank failed and told us why; `failed` is the rank it blames, when known.
     #[error("rank {rank}: rank {reporter} reported a failure{}: {reason}", failed.map(|f| format!(" of rank {f}")).unwrap_or_default())]
     RemoteFailure { rank: usize, reporter: usize, failed: Option<usize>, reason: String },
@@ -69,7 +72,9 @@ impl Error {
     /// The rank this error blames, if any: the dead, late or mismatched peer.
     pub fn blamed_rank(&self) -> Option<usize> {
         match self {
-            Error::PeerFailed { peer, .. } | Error::Mismatch { peer, .. } => Some(*peer),
+            Error::PeerFailed { peer, .. } | Error::Mismatch { peer, .. } | Error::Completion { peer, .. } => {
+                Some(*peer)
+            }
             Error::RemoteFailure { failed, reporter, .. } => Some(failed.unwrap_or(*reporter)),
             Error::Timeout { waiting_for, .. } => waiting_for.first().copied(),
             Error::RendezvousTimeout { missing, .. } => missing.first().copied(),

@@ -224,7 +224,9 @@ pub unsafe fn execute(
 impl Run<'_, '_, '_> {
     fn run(&mut self) -> Result<()> {
         self.run_steps().map_err(|e| match e {
-            Error::PeerFailed { peer, .. } => prefer_notice(self.ctx.peers, self.ctx.rank, peer, e),
+            Error::PeerFailed { peer, .. } | Error::Completion { peer, .. } => {
+                prefer_notice(self.ctx.peers, self.ctx.rank, peer, e)
+            }
             e => e,
         })
     }
@@ -431,6 +433,18 @@ impl Run<'_, '_, '_> {
 
     /// Sleeps until a lane may progress, then checks every peer's health.
     fn sleep(&mut self, max: Duration, bell_seen: &mut Option<u64>) -> Result<()> {
+        let mut ready_now = false;
+        for lanes in self.ctx.peers.iter_mut() {
+            for l in &mut lanes.send {
+                ready_now |= l.prepare_wait();
+            }
+            for l in &mut lanes.recv {
+                ready_now |= l.prepare_wait();
+            }
+        }
+        if ready_now {
+            return Ok(());
+        }
         let mut fds: Vec<libc::pollfd> = Vec::new();
         let mut owners: Vec<(usize, bool, usize)> = Vec::new();
         let mut bell = None;
@@ -552,6 +566,9 @@ pub fn lane_error(rank: usize, peer: usize, lane: usize, e: LaneError) -> Error 
             Error::Mismatch { rank, peer, expected: describe_header(&expected), got: describe_header(&got) }
         }
         LaneError::Notice(body) => decode_notice(rank, peer, &body),
+        LaneError::Completion { device, gid, qpn, status } => {
+            Error::Completion { rank, peer, lane, device, gid, qpn, status }
+        }
     }
 }
 

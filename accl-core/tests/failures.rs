@@ -27,6 +27,7 @@ impl From<TransportKind> for Mode {
         match t {
             TransportKind::Mem => Mode::Mem,
             TransportKind::Tcp => Mode::Tcp,
+            other => panic!("no failure tests for {other:?} here (see tests/verbs.rs)"),
         }
     }
 }

@@ -17,8 +17,11 @@
 //! corrupt data. Waiting is done by the executor over the lanes' [`WaitSource`]s, so the
 //! provider never blocks on its own.
 
+pub mod ib;
 pub mod mem;
 pub mod tcp;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 use std::fmt;
 use std::os::fd::RawFd;
@@ -85,6 +88,8 @@ pub enum LaneError {
     Mismatch { expected: Header, got: Header },
     /// The peer sent a failure notice (see [`RecvLane::send_notice`]).
     Notice(Vec<u8>),
+    /// An RDMA work request completed with an error, or the queue pair failed.
+    Completion { device: String, gid: String, qpn: u32, status: String },
 }
 
 impl fmt::Display for LaneError {
@@ -93,6 +98,9 @@ impl fmt::Display for LaneError {
             LaneError::Closed(why) => write!(f, "connection closed: {why}"),
             LaneError::Mismatch { .. } => f.write_str("header mismatch"),
             LaneError::Notice(_) => f.write_str("failure notice from peer"),
+            LaneError::Completion { device, gid, qpn, status } => {
+                write!(f, "{status} on device {device}, GID {gid}, QPN {qpn}")
+            }
         }
     }
 }
@@ -105,6 +113,11 @@ pub trait Provider: Send + Sync {
     fn listen(&self) -> Result<Box<dyn Listener>>;
     /// Starts connecting a send lane to the listener behind `handle`; never blocks.
     fn connect(&self, handle: &[u8], setup: &LaneSetup) -> Result<Box<dyn Connecting>>;
+    /// Whether every lane carries both directions (RDMA queue pairs); the communicator then
+    /// connects each lane once, from the lower rank, whatever `ACCL_FLOW_LABEL` says.
+    fn duplex_only(&self) -> bool {
+        false
+    }
     /// Registers memory for zero-copy transfers. Socket transports need none.
     fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
         Ok(MemoryRegion { addr, len, key: 0 })
@@ -159,6 +172,15 @@ pub trait SendLane: Send {
     fn flow_label(&self) -> u32 {
         0
     }
+    /// The UDP source port of the lane's packets, where the transport decides it (RoCEv2).
+    fn udp_sport(&self) -> Option<u16> {
+        None
+    }
+    /// Called before the executor sleeps on the wait sources: arm whatever must be armed to
+    /// raise them, and return true if progress is possible right away (then it does not sleep).
+    fn prepare_wait(&mut self) -> bool {
+        false
+    }
 }
 
 /// The receiving end of a lane. Receives complete in the order they were posted.
@@ -193,6 +215,10 @@ pub trait RecvLane: Send {
     fn send_notice(&mut self, _notice: &[u8]) {}
     /// What to wait on; `None`: nothing to wait for.
     fn wait_source(&self) -> Option<WaitSource>;
+    /// As [`SendLane::prepare_wait`].
+    fn prepare_wait(&mut self) -> bool {
+        false
+    }
 }
 
 /// An in-process wake-up signal: a counter that changes whenever something happened.

@@ -338,6 +338,7 @@ fn run(a: &Args) -> Result<bool, RunError> {
     let print = rank == 0;
     if print && !a.json {
         print_header(a, n, transport, lanes, &sizes, &algos, forced, &ranks_info);
+        println!("# transport {transport}: {}", comm.transport_reason());
         if let Some(l) = &lanes_info {
             print_lanes(l, n, lanes);
         }
@@ -492,17 +493,19 @@ fn gather_rank_info(comm: &mut Communicator) -> Result<Vec<(u32, String)>, Error
         .collect())
 }
 
-/// Flow label of every (rank, peer, lane); u32::MAX where there is no such lane.
+/// Flow label and UDP source port of every (rank, peer, lane), two words each; u32::MAX where
+/// there is no such lane or port.
 fn gather_lanes(comm: &mut Communicator) -> Result<Vec<u32>, Error> {
     let n = comm.nranks();
     let lanes = comm.lanes();
-    let mut mine = vec![u32::MAX; n * lanes];
+    let mut mine = vec![u32::MAX; n * lanes * 2];
     for l in comm.lane_info() {
         if l.peer < n && l.lane < lanes {
-            mine[l.peer * lanes + l.lane] = l.flow_label;
+            mine[(l.peer * lanes + l.lane) * 2] = l.flow_label;
+            mine[(l.peer * lanes + l.lane) * 2 + 1] = l.udp_sport.map_or(u32::MAX, u32::from);
         }
     }
-    let mut all = vec![0u32; n * n * lanes];
+    let mut all = vec![0u32; n * n * lanes * 2];
     comm.all_gather(&mine, &mut all)?;
     Ok(all)
 }
@@ -560,13 +563,15 @@ fn print_header(
 
 fn print_lanes(all: &[u32], n: usize, lanes: usize) {
     println!("#");
-    println!("# Lanes (rank -> peer, lane, flow label)");
+    println!("# Lanes (rank -> peer, lane, flow label, UDP source port)");
     for r in 0..n {
         for p in 0..n {
             for l in 0..lanes {
-                let label = all[(r * n + p) * lanes + l];
+                let at = ((r * n + p) * lanes + l) * 2;
+                let (label, sport) = (all[at], all[at + 1]);
                 if label != u32::MAX {
-                    println!("#  Rank {r:>2} -> peer {p:>2} lane {l:>2} flow label {label:#07x}");
+                    let sport = if sport == u32::MAX { "-".to_string() } else { sport.to_string() };
+                    println!("#  Rank {r:>2} -> peer {p:>2} lane {l:>2} flow label {label:#07x} udp sport {sport}");
                 }
             }
         }
