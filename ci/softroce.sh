@@ -31,8 +31,9 @@
 # Knobs (environment): SOFTROCE_DIR (target/softroce), SOFTROCE_TIMEOUT (seconds per VM, 300),
 # SOFTROCE_SMP (2), SOFTROCE_MEM (MiB, 2048), SOFTROCE_SNAPLEN (bytes kept per frame in pcaps, 128),
 # SOFTROCE_PASS_ENV (names of host variables exported into the guests, e.g. "RUST_LOG ACCL_X"),
-# SOFTROCE_CMDLINE (extra kernel arguments, see ci/softroce/initramfs-init), SOFTROCE_PEER_GRACE (seconds a
-# pair's second guest may go on after the first failed, 15).
+# SOFTROCE_CMDLINE (extra kernel arguments, see ci/softroce/initramfs-init), SOFTROCE_PEER_GRACE
+# (seconds a pair's second guest may go on after the first failed, 15), SOFTROCE_LOCK_WAIT (seconds
+# a subcommand waits for another one to finish, 0: fail at once).
 set -euo pipefail
 
 SR_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -310,7 +311,11 @@ sr_main() {
     mkdir -p "$SR_DIR"
     # One harness run at a time: the guests' names, logs and exit-status files are fixed.
     exec 9>"$SR_DIR/lock"
-    flock -n 9 || sr_die "another ci/softroce.sh runs (lock $SR_DIR/lock)"
+    if [ "${SOFTROCE_LOCK_WAIT:-0}" -gt 0 ]; then
+        flock -w "$SOFTROCE_LOCK_WAIT" 9 || sr_die "another ci/softroce.sh still runs after ${SOFTROCE_LOCK_WAIT} s"
+    else
+        flock -n 9 || sr_die "another ci/softroce.sh runs (lock $SR_DIR/lock; SOFTROCE_LOCK_WAIT=SECONDS waits)"
+    fi
     case $cmd in
         prepare) sr_prepare ;;
         selfcheck) sr_selfcheck ;;

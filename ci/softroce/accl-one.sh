@@ -38,7 +38,7 @@ perf_run() { # name args...: one accl-perf run, judged by its exit status and #w
     cp "$out" "$outdir/perf-$name.txt"
 }
 
-iters=${ACCL_SOFTROCE_ITERS:-2}
+iters=${ACCL_SOFTROCE_ITERS:-1}
 for n in 2 4; do
     for coll in allreduce reduce alltoall; do
         for dtype in float bfloat16; do
@@ -46,7 +46,17 @@ for n in 2 4; do
         done
     done
 done
-step "performance: sendrecv and allreduce at 1 MiB and 4 MiB, 2 ranks"
+step "performance: sendrecv and allreduce at 1 MiB and 4 MiB, 2 ranks, beside perftest"
 perf_run "sendrecv-2" sendrecv --ranks 2 -b 1M -e 4M -f 4 -w 2 -n 10 -v
 perf_run "allreduce-big-2" allreduce --ranks 2 -b 1M -e 4M -f 4 -w 2 -n 10
+for t in "ib_write_bw" "ib_write_bw -b" "ib_send_bw"; do
+    step "$t -s 1048576 (server and client in this VM)"
+    args=(-d "$SOFTROCE_DEV" -x "$SOFTROCE_GID_INDEX" -s 1048576 -n 100 -F --report_gbits -p 18601)
+    # shellcheck disable=SC2086
+    $t "${args[@]}" >/tmp/perftest-server.txt 2>&1 &
+    wait_listen 18601
+    # shellcheck disable=SC2086
+    $t "${args[@]}" 127.0.0.1 | tee -a "$outdir/perftest.txt" | grep -A1 '#bytes' || true
+    wait || true
+done
 step "done"

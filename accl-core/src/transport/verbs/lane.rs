@@ -28,11 +28,11 @@ use super::ffi::{self, ibv_sge, ibv_wc, Cq, Device, Mr, PathAttrs, Qp, QpEndpoin
 use crate::transport::{Header, LaneError, MemoryRegion, RecvLane, SendLane, WaitSource, HEADER_LEN};
 
 /// Payload bytes per slot; longer messages are cut into fragments.
-pub const SLOT_PAYLOAD: usize = 64 << 10;
+pub const SLOT_PAYLOAD: usize = 256 << 10;
 /// Send slots per lane: the bound on outstanding data SENDs.
-pub const SEND_SLOTS: usize = 16;
+pub const SEND_SLOTS: usize = 8;
 /// Data receive slots per lane, all kept posted: the sender's credits.
-pub const RECV_SLOTS: usize = 16;
+pub const RECV_SLOTS: usize = 8;
 /// Further receives for control messages (at most two credit returns and a notice in flight).
 const CTRL_RECVS: usize = 4;
 const ALL_RECVS: usize = RECV_SLOTS + CTRL_RECVS;
