@@ -101,25 +101,26 @@ impl Device {
     }
 
     /// Registers `len` bytes at `addr` for local access, or returns the registration that
-    /// already covers them.
+    /// already covers them. Only for memory that stays allocated as long as the device is open.
     pub fn register(&self, addr: usize, len: usize) -> Result<Arc<Mr>, String> {
         let mut cache = self.mrs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(mr) = cache.lookup(addr, len) {
             return Ok(mr);
         }
+        let mr = Arc::new(self.register_owned(addr, len)?);
+        cache.insert(mr.clone());
+        Ok(mr)
+    }
+
+    /// Registers memory whose owner keeps the returned region and drops it before freeing the
+    /// memory (not cached: nothing else may find it after the memory is gone).
+    pub fn register_owned(&self, addr: usize, len: usize) -> Result<Mr, String> {
         // SAFETY: registering memory the caller owns; the MR is dropped before the PD.
         let mr = unsafe { ibv_reg_mr(self.pd, addr as *mut _, len, ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 as i32) };
         if mr.is_null() {
             return Err(os_error(&format!("{}: ibv_reg_mr of {len} bytes", self.name)));
         }
-        let mr = Arc::new(Mr { mr, addr, len });
-        cache.insert(mr.clone());
-        Ok(mr)
-    }
-
-    /// Drops the cache's registration of the buffer at `addr` (the buffer is about to be freed).
-    pub fn forget(&self, addr: usize) {
-        self.mrs.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
+        Ok(Mr { mr, addr, len })
     }
 }
 
@@ -173,10 +174,6 @@ impl MrCache {
 
     fn insert(&mut self, mr: Arc<Mr>) {
         self.by_start.insert(mr.addr, mr);
-    }
-
-    fn remove(&mut self, addr: usize) {
-        self.by_start.remove(&addr);
     }
 }
 

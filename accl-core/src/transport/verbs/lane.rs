@@ -79,7 +79,7 @@ pub struct QpLane {
     // Drop order matters: the QP goes before its CQ, both before the slot memory and device.
     qp: Qp,
     cq: Cq,
-    slots_mr: Arc<Mr>,
+    slots_mr: Mr,
     slots: Box<[u8]>,
     dev: Arc<Device>,
     side: Socket,
@@ -110,7 +110,7 @@ unsafe impl Send for QpLane {}
 pub struct PendingLane {
     qp: Qp,
     cq: Cq,
-    slots_mr: Arc<Mr>,
+    slots_mr: Mr,
     slots: Box<[u8]>,
     dev: Arc<Device>,
     pub local: QpEndpoint,
@@ -123,7 +123,7 @@ impl PendingLane {
         let cq = Cq::new(dev, (send_wrs + ALL_RECVS) as i32 * 2)?;
         let mut qp = Qp::new(dev, &cq, send_wrs as u32, ALL_RECVS as u32)?;
         let slots = vec![0u8; (SEND_SLOTS + 1 + ALL_RECVS) * SLOT_BYTES].into_boxed_slice();
-        let slots_mr = dev.register(slots.as_ptr() as usize, slots.len())?;
+        let slots_mr = dev.register_owned(slots.as_ptr() as usize, slots.len())?;
         for r in 0..ALL_RECVS {
             let at = (SEND_SLOTS + 1 + r) * SLOT_BYTES;
             let mut sge =
@@ -146,7 +146,6 @@ impl PendingLane {
             udp_sport: crate::transport::ib::udp_sport(path.flow_label, self.local.qpn, remote.qpn),
         };
         let dev = self.dev;
-        dev.forget(self.slots.as_ptr() as usize); // the lane owns this registration
         Ok(Arc::new(Mutex::new(QpLane {
             qp: self.qp,
             cq: self.cq,
@@ -402,8 +401,10 @@ impl QpLane {
             self.armed = true;
         }
         self.read_side();
+        let waiting = !self.out.is_empty() || !self.posted_in.is_empty();
         if self.failed.is_some() || !self.notices.is_empty() {
-            return true;
+            // Progress reports these, but only for a lane with work posted.
+            return waiting;
         }
         // Completions that landed before arming raise no event: look once more.
         let before = (self.sends_done, self.recvs_done, self.arrived.len(), self.free_send.len());

@@ -143,6 +143,7 @@ impl Provider for VerbsProvider {
         }))
     }
 
+    /// Cached by address range: the memory must stay allocated while the provider lives.
     fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
         let mr = self.dev.register(addr, len).map_err(|e| setup_error("verbs register", e))?;
         Ok(MemoryRegion { addr, len, key: mr.lkey() })
