@@ -457,12 +457,16 @@ impl SendLane for VerbsSendLane {
 
     fn check_peer(&mut self) -> Result<(), LaneError> {
         let mut l = lock(&self.0);
+        l.pump()?;
         l.read_side();
         if let Some(n) = l.notices.pop_front() {
             return Err(LaneError::Notice(n));
         }
         l.check_failed()?;
-        if l.side_closed {
+        // Fragments already posted complete or fail by themselves (the peer's HCA acknowledged
+        // them before it could leave, or the retries run out); a peer that is gone cannot take
+        // the ones not posted yet.
+        if l.side_closed && l.out.iter().any(|m| m.posted < m.frags) {
             return Err(l.closed_error());
         }
         Ok(())
