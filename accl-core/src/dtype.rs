@@ -176,6 +176,34 @@ macro_rules! element {
 element!(i8 => I8, u8 => U8, i32 => I32, u32 => U32, i64 => I64, u64 => U64,
     half::f16 => F16, half::bf16 => Bf16, f32 => F32, f64 => F64);
 
+/// Calls a generic function with the element type a [`DataType`] names:
+/// `dispatch_dtype!(dtype, f(args…))` is `f::<T>(args…)` for the `T` of `dtype`.
+///
+/// ```
+/// use accl_core::{dispatch_dtype, DataType};
+/// fn size<T>() -> usize {
+///     std::mem::size_of::<T>()
+/// }
+/// assert_eq!(dispatch_dtype!(DataType::Bf16, size()), 2);
+/// ```
+#[macro_export]
+macro_rules! dispatch_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            $crate::DataType::I8 => $f::<i8>($($arg),*),
+            $crate::DataType::U8 => $f::<u8>($($arg),*),
+            $crate::DataType::I32 => $f::<i32>($($arg),*),
+            $crate::DataType::U32 => $f::<u32>($($arg),*),
+            $crate::DataType::I64 => $f::<i64>($($arg),*),
+            $crate::DataType::U64 => $f::<u64>($($arg),*),
+            $crate::DataType::F16 => $f::<$crate::f16>($($arg),*),
+            $crate::DataType::Bf16 => $f::<$crate::bf16>($($arg),*),
+            $crate::DataType::F32 => $f::<f32>($($arg),*),
+            $crate::DataType::F64 => $f::<f64>($($arg),*),
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -179,23 +179,6 @@ fn fill<T: Val>(out: &mut [u8], rank: usize, index0: usize, op: ReduceOp, salt: 
     }
 }
 
-macro_rules! by_dtype {
-    ($dtype:expr, $f:ident :: <T> ($($arg:expr),*)) => {
-        match $dtype {
-            DataType::I8 => $f::<i8>($($arg),*),
-            DataType::U8 => $f::<u8>($($arg),*),
-            DataType::I32 => $f::<i32>($($arg),*),
-            DataType::U32 => $f::<u32>($($arg),*),
-            DataType::I64 => $f::<i64>($($arg),*),
-            DataType::U64 => $f::<u64>($($arg),*),
-            DataType::F16 => $f::<half::f16>($($arg),*),
-            DataType::Bf16 => $f::<half::bf16>($($arg),*),
-            DataType::F32 => $f::<f32>($($arg),*),
-            DataType::F64 => $f::<f64>($($arg),*),
-        }
-    };
-}
-
 /// 8-byte aligned zeroed bytes.
 fn buffer(bytes: usize) -> Vec<u64> {
     vec![0u64; bytes.div_ceil(8).max(1)]
@@ -285,7 +268,7 @@ struct Call {
 }
 
 fn one_call(comm: &mut Communicator, call: Call) -> Result<(), Box<dyn std::error::Error>> {
-    by_dtype!(call.dtype, call_typed::<T>(comm, call))
+    crate::dispatch_dtype!(call.dtype, call_typed(comm, call))
 }
 
 fn call_typed<T: Val>(comm: &mut Communicator, call: Call) -> Result<(), Box<dyn std::error::Error>> {

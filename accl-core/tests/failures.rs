@@ -78,6 +78,32 @@ fn dead_rank_is_named_by_every_other_rank() {
     }
 }
 
+#[test]
+fn ranks_that_finish_and_leave_at_once_are_no_error() {
+    // A rank whose last collective is done may exit while the others still take its last data
+    // in; that is a normal end, not a dead peer. Repeated: the exit races with the receive.
+    for transport in TRANSPORTS {
+        for round in 0..5 {
+            let results = ranks(transport, 4, |rank, comm| {
+                let mut buf = vec![rank as f32; 70_000];
+                comm.all_reduce_in_place(&mut buf, ReduceOp::Sum)?;
+                match rank {
+                    3 => comm.send(&buf, 1)?,
+                    1 => comm.recv(&mut buf, 3)?,
+                    _ => {}
+                }
+                assert!(buf.iter().all(|&x| x == 6.0), "rank {rank}: wrong sum");
+                let leaving = std::mem::replace(comm, dummy());
+                drop(leaving);
+                Ok(())
+            });
+            for (rank, result, _) in results {
+                assert!(result.is_ok(), "{transport:?} round {round} rank {rank}: {result:?}");
+            }
+        }
+    }
+}
+
 /// A stand-in left behind by the "dead" rank: a one-rank communicator of its own.
 fn dummy() -> Communicator {
     let id = UniqueId::new().unwrap();

@@ -15,23 +15,6 @@
 
 use accl_core::{bf16, f16, Collective, DataType, ReduceOp};
 
-macro_rules! dispatch {
-    ($dt:expr, $f:ident($($a:expr),*)) => {
-        match $dt {
-            DataType::I8 => $f::<i8>($($a),*),
-            DataType::U8 => $f::<u8>($($a),*),
-            DataType::I32 => $f::<i32>($($a),*),
-            DataType::U32 => $f::<u32>($($a),*),
-            DataType::I64 => $f::<i64>($($a),*),
-            DataType::U64 => $f::<u64>($($a),*),
-            DataType::F16 => $f::<f16>($($a),*),
-            DataType::Bf16 => $f::<bf16>($($a),*),
-            DataType::F32 => $f::<f32>($($a),*),
-            DataType::F64 => $f::<f64>($($a),*),
-        }
-    };
-}
-
 /// One rank's side of one collective call, as accl-perf runs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Case {
@@ -105,13 +88,13 @@ impl Case {
     /// Writes this rank's input into `buf` (`input_len()` elements; longer is fine).
     pub fn fill_input(&self, buf: &mut [u8]) {
         let bytes = self.input_len() * self.dtype.size();
-        dispatch!(self.dtype, fill(self, &mut buf[..bytes]))
+        accl_core::dispatch_dtype!(self.dtype, fill(self, &mut buf[..bytes]))
     }
 
     /// Counts the wrong elements among the `output_len()` result elements at the start of `buf`.
     pub fn check_output(&self, buf: &[u8]) -> u64 {
         let bytes = self.output_len() * self.dtype.size();
-        dispatch!(self.dtype, check(self, &buf[..bytes]))
+        accl_core::dispatch_dtype!(self.dtype, check(self, &buf[..bytes]))
     }
 }
 

@@ -66,32 +66,12 @@ impl Provider for TcpProvider {
     }
 
     fn listen(&self) -> Result<Box<dyn Listener>> {
-        let addr = self.listen;
-        let ctx = |e| Error::io(format!("listen on {}", format_socket_addr(&addr)), e);
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(ctx)?;
-        sock.set_reuse_address(true).map_err(ctx)?;
-        sock.bind(&addr.into()).map_err(ctx)?;
-        sock.listen(4096).map_err(ctx)?;
-        sock.set_nonblocking(true).map_err(ctx)?;
-        let local = sock.local_addr().map_err(ctx)?.as_socket().expect("inet socket");
-        Ok(Box::new(TcpListener {
-            sock,
-            handle: format_socket_addr(&local).into_bytes(),
-            provider: self.clone(),
-            pending: Vec::new(),
-        }))
+        let (sock, handle) = listen_socket(self.listen, "listen")?;
+        Ok(Box::new(TcpListener { sock, handle, provider: self.clone(), pending: Vec::new() }))
     }
 
     fn connect(&self, handle: &[u8], setup: &LaneSetup) -> Result<Box<dyn Connecting>> {
-        let text = String::from_utf8_lossy(handle);
-        let mut addr = parse_socket_addr(&text, "peer handle")?;
-        // A link-local peer is reached through our own interface towards it (scope ids are
-        // per host).
-        if let (SocketAddr::V6(peer), SocketAddr::V6(own)) = (&mut addr, &self.listen) {
-            if peer.ip().is_unicast_link_local() && own.scope_id() != 0 {
-                peer.set_scope_id(own.scope_id());
-            }
-        }
+        let (mut addr, text) = peer_address(handle, &self.listen)?;
         let ctx = |e| {
             Error::io(format!("rank {}: connect lane {} to rank {} at {text}", setup.rank, setup.lane, setup.peer), e)
         };
@@ -113,12 +93,7 @@ impl Provider for TcpProvider {
                 // given, so pass it pre-swapped.
             }
         }
-        sock.set_nonblocking(true).map_err(ctx)?;
-        match sock.connect(&addr.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(ctx(e)),
-        }
+        start_connect(&sock, addr).map_err(ctx)?;
         let mut hello = [0u8; HELLO_LEN];
         hello[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
         hello[4..12].copy_from_slice(&setup.comm_id.to_le_bytes());
@@ -127,7 +102,43 @@ impl Provider for TcpProvider {
         hello[20..24].copy_from_slice(&(setup.lane as u32).to_le_bytes());
         hello[24..28].copy_from_slice(&setup.flow_label.to_le_bytes());
         hello[28] = u8::from(setup.duplex);
-        Ok(Box::new(TcpConnecting { sock: Some(sock), hello, sent: 0, setup: *setup, target: text.into_owned() }))
+        Ok(Box::new(TcpConnecting { sock: Some(sock), hello, sent: 0, setup: *setup, target: text }))
+    }
+}
+
+/// A non-blocking listening socket on `addr` and its handle (the bound address as text), for
+/// every provider whose handle is a TCP address. `what` names it in errors.
+pub(crate) fn listen_socket(addr: SocketAddr, what: &str) -> Result<(Socket, Vec<u8>)> {
+    let ctx = |e| Error::io(format!("{what} on {}", format_socket_addr(&addr)), e);
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(ctx)?;
+    sock.set_reuse_address(true).map_err(ctx)?;
+    sock.bind(&addr.into()).map_err(ctx)?;
+    sock.listen(4096).map_err(ctx)?;
+    sock.set_nonblocking(true).map_err(ctx)?;
+    let local = sock.local_addr().map_err(ctx)?.as_socket().expect("inet socket");
+    Ok((sock, format_socket_addr(&local).into_bytes()))
+}
+
+/// The address in a peer's listener handle, and the handle as text. A link-local peer is
+/// reached through our own interface towards it (scope ids are per host).
+pub(crate) fn peer_address(handle: &[u8], own: &SocketAddr) -> Result<(SocketAddr, String)> {
+    let text = String::from_utf8_lossy(handle).into_owned();
+    let mut addr = parse_socket_addr(&text, "peer handle")?;
+    if let (SocketAddr::V6(peer), SocketAddr::V6(own)) = (&mut addr, own) {
+        if peer.ip().is_unicast_link_local() && own.scope_id() != 0 {
+            peer.set_scope_id(own.scope_id());
+        }
+    }
+    Ok((addr, text))
+}
+
+/// Starts a non-blocking connect; it completes (or fails) when the socket turns writable.
+pub(crate) fn start_connect(sock: &Socket, addr: SocketAddr) -> io::Result<()> {
+    sock.set_nonblocking(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

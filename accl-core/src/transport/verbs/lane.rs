@@ -382,6 +382,30 @@ impl QpLane {
         }
     }
 
+    /// Reads the side socket, then moves what the CQ holds; a notice from the peer is an error.
+    /// The socket goes first: whatever the peer sent before it closed the socket is on the CQ
+    /// by the time the close shows here.
+    fn poll_peer(&mut self) -> Result<(), LaneError> {
+        self.read_side();
+        self.pump()?;
+        match self.notices.pop_front() {
+            Some(n) => Err(LaneError::Notice(n)),
+            None => Ok(()),
+        }
+    }
+
+    /// True when the peer has left while a posted receive still waits for data from it. A peer
+    /// that finished and left is no error by itself: its last sends completed, so their data
+    /// is on the CQ (the socket is read before the CQ is polled once more).
+    fn receive_orphaned(&mut self) -> Result<bool, LaneError> {
+        self.read_side();
+        if !self.side_closed || self.posted_in.is_empty() {
+            return Ok(false);
+        }
+        self.pump()?;
+        Ok(!self.posted_in.is_empty())
+    }
+
     fn closed_error(&self) -> LaneError {
         LaneError::Closed(format!(
             "connection closed (device {}, GID {}, QPN {} to QPN {})",
@@ -457,11 +481,7 @@ impl SendLane for VerbsSendLane {
 
     fn check_peer(&mut self) -> Result<(), LaneError> {
         let mut l = lock(&self.0);
-        l.pump()?;
-        l.read_side();
-        if let Some(n) = l.notices.pop_front() {
-            return Err(LaneError::Notice(n));
-        }
+        l.poll_peer()?;
         l.check_failed()?;
         // Fragments already posted complete or fail by themselves (the peer's HCA acknowledged
         // them before it could leave, or the retries run out); a peer that is gone cannot take
@@ -527,14 +547,10 @@ impl RecvLane for VerbsRecvLane {
         if let Some(n) = l.notices.pop_front() {
             return Err(LaneError::Notice(n));
         }
-        let done = std::mem::take(&mut l.recvs_done);
-        if done == 0 && !l.posted_in.is_empty() && l.arrived.is_empty() {
-            l.read_side();
-            if l.side_closed {
-                return Err(l.closed_error());
-            }
+        if l.recvs_done == 0 && l.receive_orphaned()? {
+            return Err(l.closed_error());
         }
-        Ok(done)
+        Ok(std::mem::take(&mut l.recvs_done))
     }
 
     fn queued(&self) -> usize {
@@ -544,12 +560,8 @@ impl RecvLane for VerbsRecvLane {
 
     fn check_peer(&mut self) -> Result<(), LaneError> {
         let mut l = lock(&self.0);
-        l.pump()?;
-        l.read_side();
-        if let Some(n) = l.notices.pop_front() {
-            return Err(LaneError::Notice(n));
-        }
-        if l.side_closed && (l.posted_in.is_empty() || l.arrived.is_empty()) {
+        l.poll_peer()?;
+        if l.receive_orphaned()? {
             return Err(l.closed_error());
         }
         Ok(())
@@ -557,10 +569,10 @@ impl RecvLane for VerbsRecvLane {
 
     fn take_notice(&mut self) -> Option<Vec<u8>> {
         let mut l = lock(&self.0);
-        let _ = l.poll_cq();
-        let _ = l.deliver();
-        l.read_side();
-        l.notices.pop_front()
+        match l.poll_peer() {
+            Err(LaneError::Notice(n)) => Some(n),
+            _ => l.notices.pop_front(),
+        }
     }
 
     fn wait_source(&self) -> Option<WaitSource> {

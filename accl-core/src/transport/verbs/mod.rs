@@ -12,7 +12,7 @@ mod ffi;
 mod lane;
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, SocketAddrV6};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -21,8 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use self::ffi::{Device, PathAttrs, QpEndpoint};
 use self::lane::{PendingLane, VerbsRecvLane, VerbsSendLane, SLOT_PAYLOAD};
 use super::ib::{self, IbSettings, Selection};
-use super::{Connecting, LaneEnds, LaneSetup, Listener, MemoryRegion, Provider, WaitSource};
-use crate::addr::{format_socket_addr, parse_socket_addr};
+use super::{tcp, Connecting, LaneEnds, LaneSetup, Listener, MemoryRegion, Provider, WaitSource};
 use crate::error::{Error, Result};
 
 const HELLO_MAGIC: u32 = 0x4143_5631; // "ACV1"
@@ -54,19 +53,15 @@ impl VerbsProvider {
         listen.set_port(0);
         Ok(VerbsProvider { dev, listen, settings })
     }
+}
 
-    /// `device:port gid[index] address`, for logs and the accl-perf header.
-    pub fn describe(&self) -> String {
-        format!("{}:{} gid[{}] {}", self.dev.name, self.dev.port, self.dev.gid_index, self.dev.gid)
-    }
-
-    fn path(&self, flow_label: u32) -> PathAttrs {
-        PathAttrs {
-            flow_label,
-            traffic_class: self.settings.traffic_class,
-            timeout: self.settings.timeout,
-            retry_cnt: self.settings.retry_cnt,
-        }
+/// A lane's path: its flow label with the traffic class and retry settings of `ACCL_IB_*`.
+fn path_attrs(settings: &IbSettings, flow_label: u32) -> PathAttrs {
+    PathAttrs {
+        flow_label,
+        traffic_class: settings.traffic_class,
+        timeout: settings.timeout,
+        retry_cnt: settings.retry_cnt,
     }
 }
 
@@ -84,41 +79,23 @@ impl Provider for VerbsProvider {
     }
 
     fn listen(&self) -> Result<Box<dyn Listener>> {
-        let addr = self.listen;
-        let ctx = |e| Error::io(format!("verbs side channel: listen on {}", format_socket_addr(&addr)), e);
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(ctx)?;
-        sock.set_reuse_address(true).map_err(ctx)?;
-        sock.bind(&addr.into()).map_err(ctx)?;
-        sock.listen(4096).map_err(ctx)?;
-        sock.set_nonblocking(true).map_err(ctx)?;
-        let local = sock.local_addr().map_err(ctx)?.as_socket().expect("inet socket");
+        let (sock, handle) = tcp::listen_socket(self.listen, "verbs side channel: listen")?;
         Ok(Box::new(VerbsListener {
             sock,
-            handle: format_socket_addr(&local).into_bytes(),
+            handle,
             dev: self.dev.clone(),
-            paths: PathTemplate { settings: self.settings.clone() },
+            settings: self.settings.clone(),
             pending: Vec::new(),
         }))
     }
 
     fn connect(&self, handle: &[u8], setup: &LaneSetup) -> Result<Box<dyn Connecting>> {
-        let text = String::from_utf8_lossy(handle).into_owned();
-        let mut addr = parse_socket_addr(&text, "peer handle")?;
-        if let (SocketAddr::V6(peer), SocketAddr::V6(own)) = (&mut addr, &self.listen) {
-            if peer.ip().is_unicast_link_local() && own.scope_id() != 0 {
-                *peer = SocketAddrV6::new(*peer.ip(), peer.port(), 0, own.scope_id());
-            }
-        }
+        let (addr, text) = tcp::peer_address(handle, &self.listen)?;
         let what = format!("rank {}: verbs lane {} to rank {} at {text}", setup.rank, setup.lane, setup.peer);
         let ctx = |e| Error::io(what.clone(), e);
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(ctx)?;
         sock.set_nodelay(true).map_err(ctx)?;
-        sock.set_nonblocking(true).map_err(ctx)?;
-        match sock.connect(&addr.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(ctx(e)),
-        }
+        tcp::start_connect(&sock, addr).map_err(ctx)?;
         let pending = PendingLane::new(&self.dev).map_err(|e| setup_error(&what, e))?;
         let mut hello = [0u8; MSG_LEN];
         put32(&mut hello, 0, HELLO_MAGIC);
@@ -138,7 +115,7 @@ impl Provider for VerbsProvider {
             reply: [0; MSG_LEN],
             got: 0,
             setup: *setup,
-            path: self.path(0),
+            path: path_attrs(&self.settings, 0),
             what,
         }))
     }
@@ -177,21 +154,6 @@ fn lane_label(requested: u32, a: u32, b: u32) -> u32 {
         requested
     } else {
         ib::flow_label_from_qpns(a, b).max(1)
-    }
-}
-
-struct PathTemplate {
-    settings: IbSettings,
-}
-
-impl PathTemplate {
-    fn path(&self, flow_label: u32) -> PathAttrs {
-        PathAttrs {
-            flow_label,
-            traffic_class: self.settings.traffic_class,
-            timeout: self.settings.timeout,
-            retry_cnt: self.settings.retry_cnt,
-        }
     }
 }
 
@@ -280,7 +242,7 @@ struct VerbsListener {
     sock: Socket,
     handle: Vec<u8>,
     dev: Arc<Device>,
-    paths: PathTemplate,
+    settings: IbSettings,
     pending: Vec<Incoming>,
 }
 
@@ -311,7 +273,7 @@ impl VerbsListener {
                 }
                 let pending = PendingLane::new(&self.dev)?;
                 let local = pending.local;
-                let path = self.paths.path(lane_label(setup.flow_label, remote.qpn, local.qpn));
+                let path = path_attrs(&self.settings, lane_label(setup.flow_label, remote.qpn, local.qpn));
                 let side = inc.sock.try_clone().map_err(|e| e.to_string())?;
                 Ok((local, pending.connect(remote, &path, side)?))
             })();
