@@ -15,7 +15,7 @@ use crate::exec::{encode_notice, execute, AbortState, Buffers, CallInfo, Context
 use crate::reduce::Reducer;
 use crate::transport::mem::MemProvider;
 use crate::transport::tcp::TcpProvider;
-use crate::transport::{Connecting, LaneSetup, Listener, Provider};
+use crate::transport::{Connecting, LaneSetup, Listener, Provider, WaitSource};
 
 /// Schedules kept per communicator (training loops repeat a handful of shapes).
 const SCHEDULE_CACHE: usize = 64;
@@ -287,6 +287,7 @@ impl Communicator {
             (0..nranks).map(|_| (0..lanes).map(|_| None).collect()).collect();
         let expected_accepts = (0..nranks).filter(|&p| p != rank && (!duplex || p < rank)).count() * lanes;
         let mut accepted = 0;
+        let mut bell_seen = None;
         let complete = |send: &[Vec<Option<_>>], recv: &[Vec<Option<_>>]| {
             (0..nranks)
                 .filter(|&p| p != rank)
@@ -337,7 +338,7 @@ impl Communicator {
                     timeout: config.timeout,
                 });
             }
-            std::thread::sleep(Duration::from_micros(200));
+            wait_for_setup(listener.as_ref(), &connecting, deadline, &mut bell_seen);
         }
         let peers = send
             .into_iter()
@@ -776,5 +777,35 @@ impl Communicator {
             Some(send),
             Some(recv),
         )
+    }
+}
+
+/// Sleeps until the listener or a connection in progress may move on (or until `deadline`, at
+/// most 50 ms at a time). In-process transports ring a doorbell: `bell_seen` keeps the count
+/// seen last, so that a ring between two waits is never lost.
+fn wait_for_setup(
+    listener: &dyn Listener,
+    connecting: &[(usize, usize, Box<dyn Connecting>)],
+    deadline: Instant,
+    bell_seen: &mut Option<u64>,
+) {
+    let max = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
+    let sources = listener.wait_sources().into_iter().chain(connecting.iter().filter_map(|(_, _, c)| c.wait_source()));
+    let mut fds = Vec::new();
+    let mut bell = None;
+    for source in sources {
+        match source {
+            WaitSource::Fd { fd, events } => fds.push(libc::pollfd { fd, events, revents: 0 }),
+            WaitSource::Bell(b) => bell = Some(b),
+        }
+    }
+    if let Some(bell) = bell {
+        if let Some(seen) = *bell_seen {
+            bell.wait(seen, max);
+        }
+        *bell_seen = Some(bell.count());
+    } else {
+        // SAFETY: fds is a valid array of pollfd; errors (EINTR) just end the wait early.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, max.as_millis().max(1) as i32) };
     }
 }

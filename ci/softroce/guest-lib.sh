@@ -25,29 +25,28 @@ gid_table() {
     done
 }
 
-# wait_listen PORT [SECONDS]: until some process listens on TCP PORT (any address); 1 on timeout
-wait_listen() {
-    local port=$1 n=$((${2:-30} * 10))
+# poll_until SECONDS WHAT CMD...: runs CMD every 0.1 s until it succeeds; says WHAT and
+# returns 1 when SECONDS have passed
+poll_until() {
+    local n=$(($1 * 10)) what=$2
+    shift 2
     while [ "$n" -gt 0 ]; do
-        [ -n "$(ss -Hltn "sport = :$port")" ] && return 0
+        "$@" && return 0
         sleep 0.1
         n=$((n - 1))
     done
-    echo "nothing listens on port $port" >&2
+    echo "$what" >&2
     return 1
 }
 
+listening() { [ -n "$(ss -Hltn "sport = :$1")" ]; }
+tcp_opens() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# wait_listen PORT [SECONDS]: until some process listens on TCP PORT (any address); 1 on timeout
+wait_listen() { poll_until "${2:-30}" "nothing listens on port $1" listening "$1"; }
+
 # wait_tcp HOST PORT [SECONDS]: until a TCP connect to HOST:PORT succeeds (probe connection!)
-wait_tcp() {
-    local host=$1 port=$2 n=$((${3:-30} * 10))
-    while [ "$n" -gt 0 ]; do
-        (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null && return 0
-        sleep 0.1
-        n=$((n - 1))
-    done
-    echo "cannot connect to $host:$port" >&2
-    return 1
-}
+wait_tcp() { poll_until "${3:-30}" "cannot connect to $1:$2" tcp_opens "$1" "$2"; }
 
 # bw_summary LABEL FILE: the average-bandwidth row of a perftest report, tagged for grepping
 bw_summary() {

@@ -221,7 +221,10 @@ impl Connecting for VerbsConnecting {
     }
 
     fn wait_source(&self) -> Option<WaitSource> {
-        self.sock.as_ref().map(|s| WaitSource::Fd { fd: s.as_raw_fd(), events: libc::POLLIN | libc::POLLOUT })
+        // Writable until the hello is out (a connect in progress shows as writable once done);
+        // then the reply is read.
+        let events = if self.sent < self.out.len() { libc::POLLOUT } else { libc::POLLIN };
+        self.sock.as_ref().map(|s| WaitSource::Fd { fd: s.as_raw_fd(), events })
     }
 }
 
