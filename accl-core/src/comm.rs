@@ -15,7 +15,7 @@ use crate::exec::{encode_notice, execute, AbortState, Buffers, CallInfo, Context
 use crate::reduce::Reducer;
 use crate::transport::mem::MemProvider;
 use crate::transport::tcp::TcpProvider;
-use crate::transport::{Connecting, LaneSetup, Listener, Provider, WaitSource};
+use crate::transport::{Connecting, LaneSetup, Listener, MemoryRegion, Provider, WaitSource};
 
 /// Schedules kept per communicator (training loops repeat a handful of shapes).
 const SCHEDULE_CACHE: usize = 64;
@@ -208,6 +208,9 @@ pub struct Communicator {
     provider_name: &'static str,
     transport_reason: String,
     peers: Vec<PeerLanes>,
+    /// Kept for memory registration; dropped after the lanes.
+    provider: Box<dyn Provider>,
+    registered: Vec<MemoryRegion>,
     // Dropped after the lanes: the listener and bootstrap outlive every connection.
     _listener: Box<dyn Listener>,
     _bootstrap: Bootstrap,
@@ -361,6 +364,8 @@ impl Communicator {
             provider_name: provider.name(),
             transport_reason: choice.reason,
             peers,
+            provider,
+            registered: Vec::new(),
             _listener: listener,
             _bootstrap: bootstrap,
             seq: 0,
@@ -425,6 +430,49 @@ impl Communicator {
     /// Why this transport was chosen (`ACCL_TRANSPORT`, or what `auto` found).
     pub fn transport_reason(&self) -> &str {
         &self.transport_reason
+    }
+
+    /// Registers `len` bytes at `addr` with the transport, so that collectives send from that
+    /// memory without copying it first (verbs: one memory region, made once; TCP and the
+    /// in-process transport: nothing to do). Like `ncclCommRegister`: register buffers that
+    /// are used again and again, such as gradient buckets. Memory inside a range registered
+    /// before is not registered again.
+    ///
+    /// # Safety
+    /// The memory must stay allocated until [`Communicator::deregister_memory`] or until the
+    /// communicator is dropped. A registration pins the pages there now: memory freed and
+    /// allocated again at the same address would send what the old pages held.
+    pub unsafe fn register_memory(&mut self, addr: *const u8, len: usize) -> Result<()> {
+        if addr.is_null() || len == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "rank {}: cannot register {len} bytes at {addr:p}: need a non-null address and a length",
+                self.rank
+            )));
+        }
+        if self.registered.iter().any(|m| m.covers(addr as usize, len)) {
+            return Ok(());
+        }
+        let region = self.provider.register(addr as usize, len)?;
+        self.registered.push(MemoryRegion { addr: addr as usize, len, ..region });
+        Ok(())
+    }
+
+    /// Releases the registration [`Communicator::register_memory`] made at `addr`.
+    pub fn deregister_memory(&mut self, addr: *const u8) -> Result<()> {
+        let Some(i) = self.registered.iter().position(|m| m.addr == addr as usize) else {
+            return Err(Error::InvalidArgument(format!(
+                "rank {}: no memory registered at {addr:p} (deregister with the address given to register_memory)",
+                self.rank
+            )));
+        };
+        let region = self.registered.swap_remove(i);
+        self.provider.deregister(&region);
+        Ok(())
+    }
+
+    /// The memory registered with [`Communicator::register_memory`], with the transport's keys.
+    pub fn registered_memory(&self) -> &[MemoryRegion] {
+        &self.registered
     }
 
     /// The transport provider's name (`tcp`, `verbs`, `mem`).
@@ -619,6 +667,7 @@ impl Communicator {
             timeout: self.config.timeout,
             abort: &self.abort,
             reducer: &self.reducer,
+            registered: &self.registered,
         };
         // SAFETY: buffers validated by the caller; scratch sized for the schedule.
         unsafe { execute(&mut ctx, &sched, bufs, info, &mut self.exec_state) }

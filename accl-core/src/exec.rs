@@ -15,7 +15,7 @@ use crate::algo::{Buf, Collective, Region, Schedule, Step};
 use crate::dtype::{DataType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::reduce::{self, Reducer};
-use crate::transport::{Header, LaneError, RecvLane, SendLane, WaitSource, HEADER_LEN};
+use crate::transport::{Header, LaneError, MemoryRegion, RecvLane, SendLane, WaitSource, HEADER_LEN};
 
 const HEADER_MAGIC: u16 = 0xACC1;
 /// Longest single sleep, so that aborts and deadlines are noticed.
@@ -115,6 +115,9 @@ pub struct Context<'a> {
     pub timeout: Duration,
     pub abort: &'a AbortState,
     pub reducer: &'a Reducer,
+    /// Memory the caller registered ([`crate::Communicator::register_memory`]): sends from it
+    /// go without a copy where the transport can.
+    pub registered: &'a [MemoryRegion],
 }
 
 /// Base pointers of the three buffers.
@@ -309,6 +312,7 @@ impl Run<'_, '_, '_> {
         match self.sched.steps[step as usize] {
             Step::Send { peer, src } => {
                 let base = self.bufs.ptr(src) as *const u8;
+                let registered = self.ctx.registered;
                 let lanes = &mut self.ctx.peers[peer];
                 let nl = lanes.send.len();
                 let mut count = 0;
@@ -316,7 +320,8 @@ impl Run<'_, '_, '_> {
                     let header = self.info.header(len);
                     // SAFETY: the region stays valid and unwritten until the send completes
                     // (schedule dependencies), and the call outlives the executor.
-                    unsafe { lanes.send[lane].post(&header, base.add(off), len, None) }
+                    let mr = registered.iter().find(|m| m.covers(base as usize + off, len));
+                    unsafe { lanes.send[lane].post(&header, base.add(off), len, mr) }
                         .map_err(|e| lane_error(rank, peer, lane, e))?;
                     lanes.send_fifo[lane].push_back(step);
                     count += 1;

@@ -6,7 +6,7 @@ mod common;
 
 use accl_core::testkit::{run_suite, SuiteOptions};
 use accl_core::{Config, TransportKind};
-use common::{run_ranks, test_config};
+use common::{registered_memory_checks, run_ranks, test_config};
 
 /// TCP with flow labels: one simplex connection per direction and lane.
 fn simplex() -> Config {
@@ -48,4 +48,15 @@ suite_tests! {
     tcp_8_ranks: test_config(TransportKind::Tcp), 8;
     tcp_simplex_3_ranks: simplex(), 3;
     tcp_simplex_4_ranks: simplex(), 4;
+}
+
+#[test]
+fn registered_memory_on_every_transport() {
+    for transport in [TransportKind::Mem, TransportKind::Tcp] {
+        // 3 ranks, a count that is no multiple of anything: partial chunks and segments.
+        let results = run_ranks(3, test_config(transport), |_, mut comm| registered_memory_checks(&mut comm, 50_001));
+        for (rank, r) in results.into_iter().enumerate() {
+            assert!(r.is_ok(), "{transport:?} rank {rank}: {r:?}");
+        }
+    }
 }

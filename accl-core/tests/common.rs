@@ -43,3 +43,46 @@ pub fn run_ranks<R: Send + 'static>(
         .collect();
     handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
 }
+
+/// Collectives from registered memory (zero-copy sends where the transport has them), then
+/// the same buffers after deregistering, with exact results; and the registration rules.
+/// Every rank calls it; `count` elements per rank.
+pub fn registered_memory_checks(comm: &mut Communicator, count: usize) -> Result<(), accl_core::Error> {
+    use accl_core::{Error, ReduceOp};
+    let (rank, n) = (comm.rank(), comm.nranks());
+    let send: Vec<f32> = (0..count).map(|i| (rank + i % 7) as f32).collect();
+    let mut recv = vec![0f32; count];
+    let bytes = count * 4;
+    // SAFETY: both vectors outlive the registrations (deregistered below).
+    unsafe {
+        comm.register_memory(send.as_ptr() as *const u8, bytes)?;
+        comm.register_memory(recv.as_ptr() as *const u8, bytes)?;
+        // Inside a registered range: not registered again.
+        comm.register_memory(send.as_ptr().add(count / 2) as *const u8, bytes / 4)?;
+    }
+    assert_eq!(comm.registered_memory().len(), 2, "rank {rank}: a covered range was registered again");
+    let sum = |i: usize| (0..n).map(|r| (r + i % 7) as f32).sum::<f32>();
+    for round in 0..2 {
+        recv.fill(0.0);
+        comm.all_reduce(&send, &mut recv, ReduceOp::Sum)?;
+        assert!(recv.iter().enumerate().all(|(i, &x)| x == sum(i)), "rank {rank} round {round}: allreduce");
+        comm.all_reduce_in_place(&mut recv, ReduceOp::Max)?;
+        assert!(recv.iter().enumerate().all(|(i, &x)| x == sum(i)), "rank {rank} round {round}: in place");
+        let (to, from) = ((rank + 1) % n, (rank + n - 1) % n);
+        comm.send_recv(&send, to, &mut recv, from)?;
+        assert!(
+            recv.iter().enumerate().all(|(i, &x)| x == (from + i % 7) as f32),
+            "rank {rank} round {round}: sendrecv"
+        );
+        if round == 0 {
+            comm.deregister_memory(send.as_ptr() as *const u8)?;
+            comm.deregister_memory(recv.as_ptr() as *const u8)?;
+            assert!(comm.registered_memory().is_empty());
+        }
+    }
+    assert!(matches!(comm.deregister_memory(send.as_ptr() as *const u8), Err(Error::InvalidArgument(_))));
+    // SAFETY: rejected before anything is registered.
+    let bad = unsafe { comm.register_memory(std::ptr::null(), 16) };
+    assert!(matches!(bad, Err(Error::InvalidArgument(_))), "{bad:?}");
+    Ok(())
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use accl_core::testkit::{run_suite, SuiteOptions};
 use accl_core::transport::ib::{self, IbSettings};
 use accl_core::{Communicator, Config, Error, ReduceOp, TransportKind, UniqueId};
-use common::{run_ranks, test_config};
+use common::{registered_memory_checks, run_ranks, test_config};
 
 /// Whether this machine has a RoCE v2 GID that accl can use, and accl was built to use it.
 fn verbs_usable() -> bool {
@@ -193,5 +193,25 @@ fn verbs_ranks_that_finish_and_leave_at_once_are_no_error() {
         for (rank, r) in results.into_iter().enumerate() {
             assert!(matches!(r, Ok(true)), "round {round} rank {rank}: {r:?}");
         }
+    }
+}
+
+#[test]
+fn verbs_sends_from_registered_memory() {
+    if !require_verbs() {
+        return;
+    }
+    // Over 1 MiB per rank: whole and partial fragments go out of the caller's memory regions.
+    let results = run_ranks(2, verbs_config(), |_, mut comm| {
+        let probe = [0u8; 64];
+        // SAFETY: deregistered before `probe` goes.
+        unsafe { comm.register_memory(probe.as_ptr(), probe.len())? };
+        let key = comm.registered_memory()[0].key;
+        comm.deregister_memory(probe.as_ptr())?;
+        registered_memory_checks(&mut comm, (1 << 20) / 4 + 3)?;
+        Ok::<_, Error>(key)
+    });
+    for (rank, r) in results.into_iter().enumerate() {
+        assert!(matches!(r, Ok(key) if key != 0), "rank {rank}: {r:?} (a verbs registration has an lkey)");
     }
 }

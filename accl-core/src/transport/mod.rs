@@ -70,6 +70,13 @@ pub struct MemoryRegion {
     pub key: u32,
 }
 
+impl MemoryRegion {
+    /// Whether `len` bytes at `addr` lie inside this region.
+    pub fn covers(&self, addr: usize, len: usize) -> bool {
+        addr >= self.addr && addr + len <= self.addr + self.len
+    }
+}
+
 /// How the executor can sleep until a lane may make progress.
 #[derive(Clone)]
 pub enum WaitSource {
@@ -122,6 +129,8 @@ pub trait Provider: Send + Sync {
     fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
         Ok(MemoryRegion { addr, len, key: 0 })
     }
+    /// Releases a region [`Provider::register`] returned (no transfer may still use it).
+    fn deregister(&self, _region: &MemoryRegion) {}
 }
 
 /// A listening endpoint; accepts the receive side of peers' lanes.

@@ -73,6 +73,11 @@ struct Args {
     /// Also print every lane (peer, lane, flow label)
     #[arg(short = 'v', long)]
     verbose: bool,
+    /// Register the send and receive buffers with the communicator (as nccl-tests' -R 1):
+    /// over verbs, sends then go out of them without a copy
+    #[arg(short = 'R', long = "local_register", visible_alias = "local-register", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=1))]
+    local_register: u8,
 }
 
 fn parse_coll(s: &str) -> Result<Collective, String> {
@@ -299,6 +304,9 @@ fn make_comm() -> Result<Communicator, Error> {
 
 /// Runs the benchmark; Ok(false) when some values were wrong.
 fn run(a: &Args) -> Result<bool, RunError> {
+    // Declared before the communicator, so dropped after it: with -R it holds them registered.
+    let mut send: Buf;
+    let mut recv: Buf;
     let mut comm = make_comm().map_err(|e| (None, e))?;
     let rank = comm.rank();
     let err = |e: Error| (Some(rank), e);
@@ -324,8 +332,14 @@ fn run(a: &Args) -> Result<bool, RunError> {
     let max_count = counts.iter().copied().max().unwrap_or(0);
     let (in_b, out_b) = call_args(max_count).buffer_bytes(rank, n).map_err(err)?;
     let bytes = in_b.max(out_b);
-    let mut send = Buf::new(bytes);
-    let mut recv = Buf::new(bytes);
+    send = Buf::new(bytes);
+    recv = Buf::new(bytes);
+    if a.local_register == 1 {
+        for buf in [&mut send, &mut recv] {
+            // SAFETY: the buffers are dropped after the communicator.
+            unsafe { comm.register_memory(buf.ptr(), bytes.max(1)) }.map_err(err)?;
+        }
+    }
 
     let algos: Vec<Algorithm> = counts.iter().map(|&c| comm.algorithm(&call_args(c))).collect();
     let forced = comm.config().algo.forced(coll).is_some();

@@ -112,6 +112,15 @@ impl Device {
         Ok(mr)
     }
 
+    /// Drops the cached registration covering `len` bytes at `addr`; the region itself goes
+    /// when its last user lets go of it.
+    pub fn deregister(&self, addr: usize, len: usize) {
+        let mut cache = self.mrs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mr) = cache.lookup(addr, len) {
+            cache.by_start.remove(&mr.addr);
+        }
+    }
+
     /// Registers memory whose owner keeps the returned region and drops it before freeing the
     /// memory (not cached: nothing else may find it after the memory is gone).
     pub fn register_owned(&self, addr: usize, len: usize) -> Result<Mr, String> {

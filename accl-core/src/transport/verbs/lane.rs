@@ -61,6 +61,9 @@ struct OutMsg {
     header: Header,
     data: *const u8,
     len: usize,
+    /// The lkey of registered memory holding `data`: fragments then go out from there, with
+    /// only the header copied into the slot.
+    lkey: Option<u32>,
     frags: usize,
     posted: usize,
     done: usize,
@@ -279,16 +282,28 @@ impl QpLane {
                 let m = &self.out[i];
                 let off = m.posted * SLOT_PAYLOAD;
                 let piece = SLOT_PAYLOAD.min(m.len - off);
-                let (header, src) = (m.header, m.data);
+                let (header, src, user_lkey) = (m.header, m.data, m.lkey);
                 let dst = self.slot_ptr(slot);
                 // SAFETY: the slot holds SLOT_BYTES; the source stays valid until the send
                 // completes (SendLane::post contract).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(header.as_ptr(), dst, HEADER_LEN);
-                    std::ptr::copy_nonoverlapping(src.add(off), dst.add(HEADER_LEN), piece);
-                }
-                let mut sge = [ibv_sge { addr: dst as u64, length: (HEADER_LEN + piece) as u32, lkey }];
-                if let Err(e) = self.qp.post_send(slot as u64, &mut sge, None) {
+                unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), dst, HEADER_LEN) };
+                let mut sges = [ibv_sge { addr: dst as u64, length: HEADER_LEN as u32, lkey }; 2];
+                let sges = match user_lkey {
+                    // Zero-copy: the payload goes straight from the registered memory.
+                    Some(user) if piece > 0 => {
+                        // SAFETY: `off + piece <= len`: inside the posted message.
+                        let at = unsafe { src.add(off) } as u64;
+                        sges[1] = ibv_sge { addr: at, length: piece as u32, lkey: user };
+                        &mut sges[..]
+                    }
+                    _ => {
+                        // SAFETY: as above; the slot has room for a header and SLOT_PAYLOAD.
+                        unsafe { std::ptr::copy_nonoverlapping(src.add(off), dst.add(HEADER_LEN), piece) };
+                        sges[0].length = (HEADER_LEN + piece) as u32;
+                        &mut sges[..1]
+                    }
+                };
+                if let Err(e) = self.qp.post_send(slot as u64, sges, None) {
                     return Err(self.fail(LaneError::Closed(e)));
                 }
                 self.out[i].posted += 1;
@@ -454,12 +469,13 @@ impl SendLane for VerbsSendLane {
         header: &Header,
         data: *const u8,
         len: usize,
-        _mr: Option<&MemoryRegion>,
+        mr: Option<&MemoryRegion>,
     ) -> Result<(), LaneError> {
         let mut l = lock(&self.0);
         l.check_failed()?;
         let frags = len.div_ceil(SLOT_PAYLOAD).max(1);
-        l.out.push_back(OutMsg { header: *header, data, len, frags, posted: 0, done: 0 });
+        let lkey = mr.filter(|m| m.key != 0 && m.covers(data as usize, len)).map(|m| m.key);
+        l.out.push_back(OutMsg { header: *header, data, len, lkey, frags, posted: 0, done: 0 });
         l.push_sends()?;
         Ok(())
     }

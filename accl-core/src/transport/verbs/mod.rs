@@ -120,10 +120,14 @@ impl Provider for VerbsProvider {
         }))
     }
 
-    /// Cached by address range: the memory must stay allocated while the provider lives.
+    /// Cached by address range: the memory must stay allocated until it is deregistered.
     fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
         let mr = self.dev.register(addr, len).map_err(|e| setup_error("verbs register", e))?;
         Ok(MemoryRegion { addr, len, key: mr.lkey() })
+    }
+
+    fn deregister(&self, region: &MemoryRegion) {
+        self.dev.deregister(region.addr, region.len);
     }
 }
 
