@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Guest script (one VM): the verbs performance figures of docs/performance.md, measured as
 #   bash ci/softroce.sh run-one ci/softroce/perf.sh perf
-# Alternates accl-perf and perftest ROUNDS times (emulation is noisy) and prints medians:
+# Alternates accl-perf and perftest ROUNDS times (emulation is noisy; more rounds with
+#   PERF_ROUNDS=9 SOFTROCE_PASS_ENV=PERF_ROUNDS bash ci/softroce.sh run-one ...) and prints medians:
 # accl-perf sendrecv (also with registered buffers, -R 1) against ib_write_bw at 1 MiB, allreduce against sendrecv at 4 MiB.
 set -euo pipefail
 # shellcheck source=ci/softroce/guest-lib.sh
