@@ -452,8 +452,7 @@ impl Communicator {
         if self.registered.iter().any(|m| m.covers(addr as usize, len)) {
             return Ok(());
         }
-        let region = self.provider.register(addr as usize, len)?;
-        self.registered.push(MemoryRegion { addr: addr as usize, len, ..region });
+        self.registered.push(self.provider.register(addr as usize, len)?);
         Ok(())
     }
 
@@ -830,8 +829,8 @@ impl Communicator {
 }
 
 /// Sleeps until the listener or a connection in progress may move on (or until `deadline`, at
-/// most 50 ms at a time). In-process transports ring a doorbell: `bell_seen` keeps the count
-/// seen last, so that a ring between two waits is never lost.
+/// most 50 ms at a time). In-process transports ring a doorbell instead (`bell_seen`: see
+/// [`crate::transport::Doorbell::wait_for_change`]).
 fn wait_for_setup(
     listener: &dyn Listener,
     connecting: &[(usize, usize, Box<dyn Connecting>)],
@@ -849,10 +848,7 @@ fn wait_for_setup(
         }
     }
     if let Some(bell) = bell {
-        if let Some(seen) = *bell_seen {
-            bell.wait(seen, max);
-        }
-        *bell_seen = Some(bell.count());
+        bell.wait_for_change(bell_seen, max);
     } else {
         // SAFETY: fds is a valid array of pollfd; errors (EINTR) just end the wait early.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, max.as_millis().max(1) as i32) };

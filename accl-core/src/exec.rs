@@ -473,11 +473,7 @@ impl Run<'_, '_, '_> {
         }
         match bell {
             Some(bell) => {
-                // A ring after the count was first read means something may have changed.
-                if let Some(seen) = *bell_seen {
-                    bell.wait(seen, max);
-                }
-                *bell_seen = Some(bell.count());
+                bell.wait_for_change(bell_seen, max);
                 self.check_all_peers()
             }
             None => {

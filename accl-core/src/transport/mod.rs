@@ -125,7 +125,8 @@ pub trait Provider: Send + Sync {
     fn duplex_only(&self) -> bool {
         false
     }
-    /// Registers memory for zero-copy transfers. Socket transports need none.
+    /// Registers memory for zero-copy transfers: returns the region asked for, with the
+    /// transport's key. Socket transports need none.
     fn register(&self, addr: usize, len: usize) -> Result<MemoryRegion> {
         Ok(MemoryRegion { addr, len, key: 0 })
     }
@@ -154,6 +155,8 @@ pub trait Connecting: Send {
 /// The sending end of a lane. Sends complete in the order they were posted.
 pub trait SendLane: Send {
     /// Queues `header` followed by `len` bytes at `data`.
+    ///
+    /// `mr`, when given, is registered memory that holds all of `data..data+len`.
     ///
     /// # Safety
     /// `data..data+len` must stay valid and unchanged until `progress` has counted this send as
@@ -259,5 +262,15 @@ impl Doorbell {
     pub fn wait(&self, seen: u64, timeout: Duration) {
         let rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
         drop(self.cond.wait_timeout_while(rings, timeout, |r| *r == seen).unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// For a loop that checks its state between waits: sleeps until a ring after the count
+    /// `seen` holds from the previous call (at once the first time, when it holds `None`), then
+    /// keeps the current count there. A ring between two waits is never lost.
+    pub fn wait_for_change(&self, seen: &mut Option<u64>, timeout: Duration) {
+        if let Some(seen) = *seen {
+            self.wait(seen, timeout);
+        }
+        *seen = Some(self.count());
     }
 }

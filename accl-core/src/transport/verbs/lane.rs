@@ -474,7 +474,7 @@ impl SendLane for VerbsSendLane {
         let mut l = lock(&self.0);
         l.check_failed()?;
         let frags = len.div_ceil(SLOT_PAYLOAD).max(1);
-        let lkey = mr.filter(|m| m.key != 0 && m.covers(data as usize, len)).map(|m| m.key);
+        let lkey = mr.map(|m| m.key).filter(|&key| key != 0);
         l.out.push_back(OutMsg { header: *header, data, len, lkey, frags, posted: 0, done: 0 });
         l.push_sends()?;
         Ok(())
