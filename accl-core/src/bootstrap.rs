@@ -56,14 +56,20 @@ impl UniqueId {
 
     /// Starts a root service bound to `addr` (port 0 picks a free port).
     pub fn serve(addr: SocketAddr) -> Result<UniqueId> {
+        UniqueId::serve_in_thread(addr).map(|(id, _)| id)
+    }
+
+    /// [`UniqueId::serve`], also returning the service thread: a process that hosts the root
+    /// and fails its own rendezvous joins it, so that ranks arriving late still get an answer.
+    pub(crate) fn serve_in_thread(addr: SocketAddr) -> Result<(UniqueId, thread::JoinHandle<()>)> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::io(format!("bind rendezvous root on {}", format_socket_addr(&addr)), e))?;
         let bound = listener.local_addr().map_err(|e| Error::io("rendezvous root address", e))?;
-        thread::Builder::new()
+        let service = thread::Builder::new()
             .name("accl-root".into())
             .spawn(move || RootService::new(listener).run())
             .map_err(|e| Error::io("spawn rendezvous root thread", e))?;
-        Ok(UniqueId { addr: bound })
+        Ok((UniqueId { addr: bound }, service))
     }
 
     /// An id naming an existing root (`ACCL_ROOT`); starts nothing.
@@ -246,6 +252,48 @@ fn read_frame_until(stream: &mut TcpStream, deadline: Instant) -> io::Result<Vec
     Ok(data)
 }
 
+/// How long the root keeps answering ranks that arrive after its rendezvous timed out. A rank
+/// started late (a loaded machine, a slow launcher) then learns which ranks never arrived instead
+/// of finding the root gone; the process hosting the root waits this long before it reports.
+const LATE_JOIN_GRACE: Duration = Duration::from_secs(3);
+
+/// How often the root looks for new connections while none is waiting.
+const ACCEPT_POLL: Duration = Duration::from_millis(2);
+
+/// A rank's first frame to the root.
+struct Hello {
+    magic: u32,
+    version: u32,
+    rank: usize,
+    nranks: usize,
+    timeout: Duration,
+}
+
+impl Hello {
+    /// Reads the hello from a freshly accepted connection; `None` if it is not one of ours (a
+    /// port scan, a stray connection) or it does not come in time.
+    fn read(stream: &mut TcpStream, deadline: Instant) -> Option<Hello> {
+        stream.set_nonblocking(false).ok();
+        stream.set_nodelay(true).ok();
+        let hello = read_frame_until(stream, deadline).ok().filter(|h| h.len() == 20)?;
+        let word = |i: usize| u32::from_le_bytes(hello[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+        Some(Hello {
+            magic: word(0),
+            version: word(1),
+            rank: word(2) as usize,
+            nranks: word(3) as usize,
+            timeout: Duration::from_millis(word(4) as u64),
+        })
+    }
+}
+
+/// The reply telling a rank that the rendezvous failed because `missing` never arrived.
+fn missing_reply(missing: &[usize]) -> Vec<u8> {
+    let mut reply = vec![STATUS_MISSING];
+    reply.extend(missing.iter().flat_map(|&r| (r as u32).to_le_bytes()));
+    reply
+}
+
 /// The root side of the rendezvous.
 struct RootService {
     listener: TcpListener,
@@ -254,6 +302,26 @@ struct RootService {
 impl RootService {
     fn new(listener: TcpListener) -> RootService {
         RootService { listener }
+    }
+
+    /// The next pending connection, if one is waiting (the listener does not block).
+    fn accept(&self) -> Option<TcpStream> {
+        self.listener.accept().ok().map(|(stream, _)| stream)
+    }
+
+    /// After a timed-out rendezvous: tells ranks that arrive within [`LATE_JOIN_GRACE`] which
+    /// ranks never arrived at all (a late rank is late, not missing).
+    fn answer_late_joiners(&self, mut never_arrived: Vec<usize>) {
+        let end = Instant::now() + LATE_JOIN_GRACE;
+        while Instant::now() < end {
+            let Some(mut stream) = self.accept() else {
+                thread::sleep(ACCEPT_POLL);
+                continue;
+            };
+            let Some(hello) = Hello::read(&mut stream, end) else { continue };
+            never_arrived.retain(|&r| r != hello.rank);
+            let _ = write_frame(&mut stream, &missing_reply(&never_arrived));
+        }
     }
 
     fn run(self) {
@@ -267,41 +335,30 @@ impl RootService {
                     break;
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                let n = nranks.unwrap_or(0);
-                let missing: Vec<u8> =
-                    (0..n).filter(|r| !ranks.contains_key(r)).flat_map(|r| (r as u32).to_le_bytes()).collect();
-                let mut reply = vec![STATUS_MISSING];
-                reply.extend_from_slice(&missing);
+            // Connections already waiting are taken before the deadline is checked: a rank
+            // that connected in time arrived in time, however late this thread got to run.
+            let pending = self.accept();
+            if pending.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
+                let never_arrived: Vec<usize> = (0..nranks.unwrap_or(0)).filter(|r| !ranks.contains_key(r)).collect();
+                let reply = missing_reply(&never_arrived);
                 for stream in ranks.values_mut() {
                     let _ = write_frame(stream, &reply);
                 }
+                self.answer_late_joiners(never_arrived);
                 return;
             }
-            let (mut stream, _) = match self.listener.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                Err(_) => continue,
+            let Some(mut stream) = pending else {
+                thread::sleep(ACCEPT_POLL);
+                continue;
             };
-            stream.set_nonblocking(false).ok();
-            stream.set_nodelay(true).ok();
-            let hello = match read_frame_until(&mut stream, Instant::now() + Duration::from_secs(5)) {
-                Ok(h) if h.len() == 20 => h,
-                _ => continue, // not one of ours (a port scan, a stray connection)
-            };
-            let word = |i: usize| u32::from_le_bytes(hello[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
-            let (rank, n) = (word(2) as usize, word(3) as usize);
-            // The first rank to arrive starts the clock with its own timeout.
-            let timeout = Duration::from_millis(word(4) as u64);
+            let Some(hello) = Hello::read(&mut stream, Instant::now() + Duration::from_secs(5)) else { continue };
             let refuse = |stream: &mut TcpStream, why: String| {
                 let mut reply = vec![STATUS_REFUSED];
                 reply.extend_from_slice(why.as_bytes());
                 let _ = write_frame(stream, &reply);
             };
-            if word(0) != MAGIC || word(1) != VERSION {
+            let (rank, n) = (hello.rank, hello.nranks);
+            if hello.magic != MAGIC || hello.version != VERSION {
                 refuse(&mut stream, "protocol version mismatch".into());
                 continue;
             }
@@ -313,7 +370,8 @@ impl RootService {
                 refuse(&mut stream, format!("rank {rank} is out of range or joined twice"));
                 continue;
             }
-            deadline.get_or_insert(Instant::now() + timeout);
+            // The first rank to arrive starts the clock with its own timeout.
+            deadline.get_or_insert(Instant::now() + hello.timeout);
             ranks.insert(rank, stream);
         }
         let comm_id = comm_id();
@@ -388,5 +446,18 @@ mod tests {
             other => panic!("unexpected {other}"),
         }
         assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn rank_arriving_after_the_timeout_learns_who_never_came() {
+        let id = UniqueId::new().unwrap();
+        let early = thread::spawn(move || Bootstrap::join(&id, 0, 3, Duration::from_millis(200)).err().unwrap());
+        let early = early.join().unwrap();
+        assert!(matches!(&early, Error::RendezvousTimeout { missing, .. } if *missing == [1, 2]), "{early}");
+        // The root timed out already; rank 2 is late, rank 1 never comes.
+        let t0 = Instant::now();
+        let late = Bootstrap::join(&id, 2, 3, Duration::from_secs(10)).err().unwrap();
+        assert!(matches!(&late, Error::RendezvousTimeout { missing, .. } if *missing == [1]), "{late}");
+        assert!(t0.elapsed() < LATE_JOIN_GRACE, "the late rank waited {:?}", t0.elapsed());
     }
 }

@@ -408,8 +408,16 @@ impl Communicator {
             });
         }
         let root = crate::addr::parse_socket_addr(&get("ACCL_ROOT")?, "ACCL_ROOT")?;
-        let id = if rank == 0 { UniqueId::serve(root)? } else { UniqueId::from_addr(root) };
-        Communicator::init(&id, rank, nranks, config)
+        if rank != 0 {
+            return Communicator::init(&UniqueId::from_addr(root), rank, nranks, config);
+        }
+        let (id, root_service) = UniqueId::serve_in_thread(root)?;
+        let result = Communicator::init(&id, rank, nranks, config);
+        if let Err(Error::RendezvousTimeout { .. }) = result {
+            // Keep the root up while it answers ranks that arrive late (a bounded grace).
+            let _ = root_service.join();
+        }
+        result
     }
 
     /// This rank, in `0..nranks`.

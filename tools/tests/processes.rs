@@ -79,6 +79,17 @@ fn rank_that_never_starts_is_named_at_rendezvous() {
     assert_eq!(named.len(), 2, "{}", report(&out));
 }
 
+/// Rank 2 starts after the rendezvous timed out: the root, kept up for a grace period by
+/// rank 0, still tells it that rank 1 never arrived.
+#[test]
+fn rank_that_arrives_after_the_timeout_is_told_who_never_came() {
+    let (out, _) = accl_run(3, &["--absent", "1", "--late", "2"], &[]);
+    assert!(out.status.success(), "{}", report(&out));
+    let named: Vec<_> =
+        lines(&out).into_iter().filter(|l| l.contains("expected error") && l.contains("naming rank 1")).collect();
+    assert_eq!(named.len(), 2, "{}", report(&out));
+}
+
 #[test]
 fn mismatched_call_fails_everywhere() {
     let (out, _) = accl_run(3, &["--mismatch"], &[]);

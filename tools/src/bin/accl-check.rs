@@ -7,6 +7,9 @@
 //! accl-check --die R         rank R kills itself (SIGKILL) after one allreduce; the others
 //!                            must each fail, naming rank R, within ACCL_TIMEOUT
 //! accl-check --absent R      rank R never joins; the others must fail naming it
+//! accl-check --absent R --late L
+//!                            as --absent, and rank L joins only after the rendezvous timed out:
+//!                            it too must fail naming R (not the root it found late)
 //! accl-check --mismatch      rank 1 calls allreduce with another count; all must fail
 //! ```
 //! Exits 0 when the suite passes or the scenario ends as expected on this rank.
@@ -28,7 +31,11 @@ fn main() -> ExitCode {
             None => Err("--die needs a rank".into()),
         },
         Some("--absent") => match arg_rank(0) {
-            Some(absent) => absent_rank(rank, absent),
+            Some(absent) => match args.get(2).map(String::as_str) {
+                None => absent_rank(rank, absent, None),
+                Some("--late") if arg_rank(2).is_some() => absent_rank(rank, absent, arg_rank(2)),
+                Some(_) => Err("--absent R takes only --late L after it".into()),
+            },
             None => Err("--absent needs a rank".into()),
         },
         Some("--mismatch") => mismatch(rank),
@@ -99,9 +106,13 @@ fn die(rank: usize, victim: usize) -> Result<String, String> {
     }
 }
 
-fn absent_rank(rank: usize, absent: usize) -> Result<String, String> {
+fn absent_rank(rank: usize, absent: usize, late: Option<usize>) -> Result<String, String> {
     if rank == absent {
         return Ok("staying away".into());
+    }
+    if late == Some(rank) {
+        // Past the root's deadline (it starts when the first rank arrives), well within its grace.
+        std::thread::sleep(timeout() + Duration::from_millis(300));
     }
     let started = Instant::now();
     match Communicator::from_env() {
