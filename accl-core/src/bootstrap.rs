@@ -41,7 +41,8 @@ pub struct UniqueId {
 
 impl UniqueId {
     /// Starts a root service on `ACCL_LISTEN_ADDR`, or `[::1]` when unset, on a free port. The
-    /// service serves one communicator and ends when its ranks disconnect.
+    /// service serves one communicator and ends when its ranks disconnect, or a few seconds
+    /// after its rendezvous timed out (it keeps telling late ranks who never arrived).
     pub fn new() -> Result<UniqueId> {
         let ip = match crate::config::env_var("ACCL_LISTEN_ADDR") {
             Some(v) => v.trim_matches(['[', ']']).parse().map_err(|_| Error::InvalidConfig {
