@@ -70,24 +70,25 @@ fn killed_rank_is_named_by_every_survivor() {
     assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
 }
 
-#[test]
-fn rank_that_never_starts_is_named_at_rendezvous() {
-    let (out, _) = accl_run(3, &["--absent", "1"], &[]);
+/// Runs 3 ranks of `accl-check` with `args` (rank 1 absent): both others must fail naming it.
+fn absent_rank_1_is_named_by_both_others(args: &[&str]) {
+    let (out, _) = accl_run(3, args, &[]);
     assert!(out.status.success(), "{}", report(&out));
     let named: Vec<_> =
         lines(&out).into_iter().filter(|l| l.contains("expected error") && l.contains("naming rank 1")).collect();
     assert_eq!(named.len(), 2, "{}", report(&out));
 }
 
+#[test]
+fn rank_that_never_starts_is_named_at_rendezvous() {
+    absent_rank_1_is_named_by_both_others(&["--absent", "1"]);
+}
+
 /// Rank 2 starts after the rendezvous timed out: the root, kept up for a grace period by
 /// rank 0, still tells it that rank 1 never arrived.
 #[test]
 fn rank_that_arrives_after_the_timeout_is_told_who_never_came() {
-    let (out, _) = accl_run(3, &["--absent", "1", "--late", "2"], &[]);
-    assert!(out.status.success(), "{}", report(&out));
-    let named: Vec<_> =
-        lines(&out).into_iter().filter(|l| l.contains("expected error") && l.contains("naming rank 1")).collect();
-    assert_eq!(named.len(), 2, "{}", report(&out));
+    absent_rank_1_is_named_by_both_others(&["--absent", "1", "--late", "2"]);
 }
 
 #[test]

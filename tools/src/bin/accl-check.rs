@@ -31,10 +31,10 @@ fn main() -> ExitCode {
             None => Err("--die needs a rank".into()),
         },
         Some("--absent") => match arg_rank(0) {
-            Some(absent) => match args.get(2).map(String::as_str) {
-                None => absent_rank(rank, absent, None),
-                Some("--late") if arg_rank(2).is_some() => absent_rank(rank, absent, arg_rank(2)),
-                Some(_) => Err("--absent R takes only --late L after it".into()),
+            Some(absent) => match (args.get(2).map(String::as_str), arg_rank(2)) {
+                (None, _) => absent_rank(rank, absent, None),
+                (Some("--late"), Some(late)) => absent_rank(rank, absent, Some(late)),
+                _ => Err("--absent R takes only --late L after it".into()),
             },
             None => Err("--absent needs a rank".into()),
         },
