@@ -452,9 +452,10 @@ fn measure(
     // run_raw documents for in-place calls.
     let call = |comm: &mut Communicator| unsafe { comm.run_raw(args, l.send, l.recv) };
 
-    if a.check > 0 {
-        fill();
-    }
+    // Filled even without checks: an input never written is the kernel's shared zero page, which
+    // stays in cache and would make every read of it (the first sends above all) look faster
+    // than reads of real data.
+    fill();
     for _ in 0..a.warmup_iters {
         call(comm)?;
     }
