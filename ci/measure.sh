@@ -17,9 +17,12 @@ perf = "target/release/accl-perf"
 rounds = int(sys.argv[1])
 # label -> (field, accl-perf arguments)
 configs = {}
+# n -> labels of (allreduce, sendrecv) bandwidth, the pair the ratios compare
+pairs = {}
 for n in (2, 4):
-    configs[f"allreduce 32MiB busbw n={n}"] = ("busbw", ["allreduce", "--ranks", str(n), "-b", "32M", "-e", "32M", "-w", "5", "-n", "40"])
-    configs[f"sendrecv 32MiB busbw n={n}"] = ("busbw", ["sendrecv", "--ranks", str(n), "-b", "32M", "-e", "32M", "-w", "5", "-n", "40"])
+    pairs[n] = (f"allreduce 32MiB busbw n={n}", f"sendrecv 32MiB busbw n={n}")
+    for label, coll in zip(pairs[n], ("allreduce", "sendrecv")):
+        configs[label] = ("busbw", [coll, "--ranks", str(n), "-b", "32M", "-e", "32M", "-w", "5", "-n", "40"])
     configs[f"allreduce 8B time_us n={n}"] = ("time_us", ["allreduce", "--ranks", str(n), "-b", "8", "-e", "8", "-w", "1000", "-n", "20000"])
 
 def cpu_ticks():
@@ -46,11 +49,11 @@ for label, (oop, ip) in runs.items():
     print(f"{label:28} out-of-place median {statistics.median(oop):<8.3g} in-place median "
           f"{statistics.median(ip):<8.3g} runs: {show(oop)} | {show(ip)}")
     print(f"{'':28} CPU stolen by other guests per run: {' '.join(f'{v:.0%}' for v in stolen[label])}")
-for n in (2, 4):
-    ar, sr = runs[f"allreduce 32MiB busbw n={n}"], runs[f"sendrecv 32MiB busbw n={n}"]
+for n, (ar_label, sr_label) in pairs.items():
+    ar, sr = runs[ar_label], runs[sr_label]
     # Both modes of allreduce against sendrecv out of place: sendrecv in place first copies its
     # outgoing data aside, so it is not the transport's limit.
-    quiet = [max(a, s) <= 0.02 for a, s in zip(stolen[f"allreduce 32MiB busbw n={n}"], stolen[f"sendrecv 32MiB busbw n={n}"])]
+    quiet = [max(a, s) <= 0.02 for a, s in zip(stolen[ar_label], stolen[sr_label])]
     for mode, values in (("out-of-place", ar[0]), ("in-place", ar[1])):
         ratios = [a / s for a, s in zip(values, sr[0])]
         calm = [r for r, q in zip(ratios, quiet) if q]
