@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use accl_core::{ReduceOp, TransportKind};
 use common::{run_ranks, test_config};
@@ -32,7 +32,26 @@ fn sniffer() -> Option<OwnedFd> {
             &addr as *const _ as *const libc::sockaddr,
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         );
-        (rc == 0).then_some(fd)
+        if rc != 0 {
+            return None;
+        }
+        // Room for every frame of the test: frames the counter has not read yet when the queue
+        // is full are dropped, and with the ranks busy on the cores it can fall far behind.
+        // SO_RCVBUFFORCE passes the system limit (root, as sniffing needs anyway).
+        let bytes: libc::c_int = 256 << 20;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            let rc = libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                opt,
+                &bytes as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+            if rc == 0 {
+                break;
+            }
+        }
+        Some(fd)
     }
 }
 
@@ -61,9 +80,18 @@ fn tcp_lanes_send_their_flow_labels() {
         };
         let mut seen: BTreeMap<u32, usize> = BTreeMap::new();
         let mut frame = vec![0u8; 65536 + 64];
-        while !stop2.load(Ordering::Relaxed) {
+        // Once the ranks are done: read on until the queue is empty (a receive times out), or
+        // for at most 2 s should other traffic keep arriving on lo.
+        let mut drain_until = None;
+        loop {
             // SAFETY: valid buffer.
             let n = unsafe { libc::recv(fd, frame.as_mut_ptr() as *mut libc::c_void, frame.len(), 0) };
+            if stop2.load(Ordering::Relaxed) {
+                let until = *drain_until.get_or_insert_with(|| Instant::now() + Duration::from_secs(2));
+                if n < 0 || Instant::now() > until {
+                    break;
+                }
+            }
             if n < 14 + 40 {
                 continue;
             }
@@ -85,7 +113,6 @@ fn tcp_lanes_send_their_flow_labels() {
         }
         comm.lane_info()
     });
-    std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
     let seen = counter.join().unwrap();
     for (rank, info) in infos.iter().enumerate() {
