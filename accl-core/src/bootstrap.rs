@@ -298,11 +298,14 @@ fn missing_reply(missing: &[usize]) -> Vec<u8> {
 /// The root side of the rendezvous.
 struct RootService {
     listener: TcpListener,
+    /// Tests only: a pause after each answer but the last, to widen the window in which a
+    /// rank already answered could run ahead of those still waiting.
+    pause_between_answers: Option<Duration>,
 }
 
 impl RootService {
     fn new(listener: TcpListener) -> RootService {
-        RootService { listener }
+        RootService { listener, pause_between_answers: None }
     }
 
     /// The next pending connection, if one is waiting (the listener does not block).
@@ -379,8 +382,8 @@ impl RootService {
         let mut ok = vec![STATUS_OK];
         ok.extend_from_slice(&comm_id.to_le_bytes());
         let mut streams: Vec<TcpStream> = ranks.into_values().collect();
-        for s in &mut streams {
-            let _ = write_frame(s, &ok);
+        if !self.answer_all(&mut streams, &ok) {
+            return;
         }
         // Relay all-gather rounds until the ranks hang up.
         loop {
@@ -394,12 +397,29 @@ impl RootService {
                     Err(_) => return,
                 }
             }
-            for s in &mut streams {
-                if write_frame(s, &out).is_err() {
-                    return;
-                }
+            if !self.answer_all(&mut streams, &out) {
+                return;
             }
         }
+    }
+
+    /// Sends `frame` to every rank, highest rank first; false if a rank has hung up.
+    ///
+    /// Rank 0 is answered last because its process usually hosts this thread
+    /// ([`Communicator::from_env`](crate::Communicator::from_env) does so, and NCCL-style
+    /// programs make the [`UniqueId`] on rank 0). Answered first, it could finish init, end its
+    /// process and with it this thread before a later rank had its reply: that rank would then
+    /// read "root closed the connection" instead of the barrier it was waiting for. Once a
+    /// frame is written, the kernel delivers it even if the process exits.
+    fn answer_all(&self, streams: &mut [TcpStream], frame: &[u8]) -> bool {
+        let mut all_written = true;
+        for (rank, s) in streams.iter_mut().enumerate().rev() {
+            all_written &= write_frame(s, frame).is_ok();
+            if let (Some(pause), true) = (self.pause_between_answers, rank > 0) {
+                thread::sleep(pause);
+            }
+        }
+        all_written
     }
 }
 
@@ -447,6 +467,42 @@ mod tests {
             other => panic!("unexpected {other}"),
         }
         assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A root whose answers come `pause` apart.
+    fn serve_pausing(pause: Duration) -> UniqueId {
+        let listener = TcpListener::bind("[::1]:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || RootService { listener, pause_between_answers: Some(pause) }.run());
+        UniqueId::from_addr(addr)
+    }
+
+    /// The CI failure this guards against: rank 0 hosts the root, gets its barrier reply first,
+    /// finishes and exits, and the root thread dies with its process before rank 2 is answered.
+    /// So when rank 0's barrier returns, every other rank's reply must already be on its way.
+    #[test]
+    fn rank_0_is_answered_last() {
+        let pause = Duration::from_millis(300);
+        let id = serve_pausing(pause);
+        let joins: Vec<_> = (0..3)
+            .map(|r| thread::spawn(move || Bootstrap::join(&id, r, 3, Duration::from_secs(10)).unwrap()))
+            .collect();
+        let mut ranks: Vec<Bootstrap> = joins.into_iter().map(|h| h.join().unwrap()).collect();
+        for b in &mut ranks[1..] {
+            write_frame(&mut b.stream, &[]).unwrap();
+        }
+        let t0 = Instant::now();
+        ranks[0].barrier().unwrap();
+        assert!(t0.elapsed() >= pause * 2, "rank 0 was answered before the others");
+        for b in &mut ranks[1..] {
+            b.stream.set_nonblocking(true).unwrap();
+            let mut byte = [0u8; 1];
+            let waiting = b.stream.peek(&mut byte);
+            assert!(matches!(waiting, Ok(1)), "rank {} has no reply yet when rank 0 has: {waiting:?}", b.rank);
+            b.stream.set_nonblocking(false).unwrap();
+            let reply = read_frame_until(&mut b.stream, Instant::now() + Duration::from_secs(5)).unwrap();
+            assert_eq!(split_blobs(&reply).unwrap(), vec![Vec::<u8>::new(); 3]);
+        }
     }
 
     #[test]
