@@ -144,7 +144,8 @@ fn value(rank: usize, i: usize) -> u64 {
     (rank as u64 + 1) * 1000 + i as u64
 }
 
-const COUNTS: [usize; 6] = [0, 1, 3, 8, 37, 100];
+// 33 with 2 ranks: blocks of 17 and 16 elements, cut into 3 and 2 segments of 8.
+const COUNTS: [usize; 8] = [0, 1, 3, 8, 33, 37, 100, 1000];
 
 #[test]
 fn all_reduce_every_algorithm() {
