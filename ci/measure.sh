@@ -71,6 +71,10 @@ for _ in range(rounds):
         total1, steal1 = cpu_ticks()
         stolen[label].append((steal1 - steal0) / max(1, total1 - total0))
         row = json.loads(out.strip().splitlines()[-1])
+        # accl-perf checks every configuration (-c 1): a fast run with wrong data is no figure.
+        wrong = {k: row[k] for k in ("wrong", "in_place_wrong") if row.get(k)}
+        if wrong:
+            sys.exit(f"{label}: wrong results {wrong}: {' '.join(args)}")
         runs[label][0].append(row[field])
         if "in_place_" + field in row:
             runs[label][1].append(row["in_place_" + field])
