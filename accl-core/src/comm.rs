@@ -629,6 +629,7 @@ impl Communicator {
             in_place,
             segment: self.config.segment_size,
             window: self.config.a2a_window,
+            stream_min: self.config.stream_min,
             p2p_send: args.send_to.is_some(),
             p2p_recv: args.recv_from.is_some(),
         };

@@ -71,6 +71,9 @@ pub struct Config {
     pub reduce_threads: usize,
     /// Peers an all2all exchanges with at once (`ACCL_A2A_WINDOW`).
     pub a2a_window: usize,
+    /// Message size (bytes per rank) from which the ring allreduce and reduce_scatter write
+    /// their partial and final sums with streaming stores; 0 never does (`ACCL_STREAM_MIN`).
+    pub stream_min: usize,
     /// Socket send/receive buffer size in bytes; 0 keeps the kernel's autotuning
     /// (`ACCL_SOCKET_BUF`).
     pub socket_buf: usize,
@@ -94,6 +97,7 @@ impl Default for Config {
             listen_addr: None,
             reduce_threads: 1,
             a2a_window: 4,
+            stream_min: 16 << 20,
             socket_buf: 0,
             debug: false,
             ib: crate::transport::ib::IbSettings::default(),
@@ -196,6 +200,9 @@ impl Config {
             "expected a peer count >= 1",
         )? {
             c.a2a_window = n;
+        }
+        if let Some(n) = env_parsed("ACCL_STREAM_MIN", parse_size, "expected a size, e.g. 16M, or 0")? {
+            c.stream_min = n;
         }
         if let Some(n) = env_parsed("ACCL_SOCKET_BUF", parse_size, "expected a size, e.g. 4M, or 0")? {
             c.socket_buf = n;

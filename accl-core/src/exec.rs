@@ -408,9 +408,11 @@ impl Run<'_, '_, '_> {
         let bytes_mut = |r: Region| unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr(r), r.len) };
         match self.sched.steps[step as usize] {
             Step::Reduce { dst, src } => self.ctx.reducer.reduce_inplace(dtype, op, bytes_mut(dst), bytes(src)),
-            Step::ReduceInto { dst, a, b } => {
+            Step::ReduceInto { dst, a, b, streaming } => {
                 if self.bufs.ptr(dst) == self.bufs.ptr(a) {
                     self.ctx.reducer.reduce_inplace(dtype, op, bytes_mut(dst), bytes(b));
+                } else if streaming {
+                    self.ctx.reducer.reduce_into_streaming(dtype, op, bytes_mut(dst), bytes(a), bytes(b));
                 } else {
                     self.ctx.reducer.reduce_into(dtype, op, bytes_mut(dst), bytes(a), bytes(b));
                 }

@@ -6,6 +6,8 @@
 //!
 //! * [`reduce_inplace`]: `dst[i] = op(dst[i], src[i])`.
 //! * [`reduce_into`]: `dst[i] = op(a[i], b[i])` (saves a copy in out-of-place collectives).
+//! * [`reduce_into_streaming`]: the same, writing `dst` past the caches, for results that are
+//!   not read again soon.
 //! * [`divide`]: `buf[i] /= n`, the final step of [`ReduceOp::Avg`] (which combines as `Sum`).
 //! * [`Reducer`]: the same reductions, split over a small private rayon pool for large buffers.
 //!
@@ -145,6 +147,10 @@ trait Kern: 'static {
     fn inplace(dst: &mut [Self::T], src: &[Self::T]);
     /// `dst[i] = op(a[i], b[i])`; the slices have equal length.
     fn into(dst: &mut [Self::T], a: &[Self::T], b: &[Self::T]);
+    /// As [`Kern::into`], with non-temporal stores where the kernel has them.
+    fn into_streaming(dst: &mut [Self::T], a: &[Self::T], b: &[Self::T]) {
+        <Self as Kern>::into(dst, a, b)
+    }
 }
 
 /// Kernel for types whose arithmetic is done in the type itself (integers, f32, f64).
@@ -179,6 +185,22 @@ where
             return unsafe { x86::avx2_native_into::<T, O>(dst, a, b) };
         }
         native_into::<T, O>(dst, a, b)
+    }
+
+    #[inline(always)]
+    fn into_streaming(dst: &mut [T], a: &[T], b: &[T]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx512f() {
+                // SAFETY: the CPU supports AVX-512F.
+                return unsafe { x86::avx512_native_into_streaming::<T, O>(dst, a, b) };
+            }
+            if x86::has_avx2() {
+                // SAFETY: the CPU supports AVX2.
+                return unsafe { x86::avx2_native_into_streaming::<T, O>(dst, a, b) };
+            }
+        }
+        <Self as Kern>::into(dst, a, b)
     }
 }
 
@@ -407,6 +429,76 @@ mod x86 {
         is_x86_feature_detected!("avx2")
     }
 
+    pub(super) fn has_avx512f() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    /// `dst = op(a, b)`, one vector `V` of `dst` at a time written with the non-temporal store
+    /// `stream` (which needs `V`-aligned addresses; the unaligned head and the tail are stored
+    /// normally). Each vector is computed by the plain loop over a `V`-sized tile, which LLVM
+    /// keeps in a register.
+    ///
+    /// # Safety
+    /// `stream` must be a non-temporal store of `V` to a `V`-aligned address that the CPU
+    /// supports; `V` must be a SIMD vector type (any bit pattern valid).
+    #[inline(always)]
+    unsafe fn native_into_streaming<T: Copy, O: Op<T>, V: Copy>(
+        dst: &mut [T],
+        a: &[T],
+        b: &[T],
+        zero: V,
+        stream: unsafe fn(*mut V, V),
+    ) {
+        let n = dst.len();
+        let (a, b) = (&a[..n], &b[..n]);
+        let width = size_of::<V>() / size_of::<T>();
+        let head = dst.as_ptr().align_offset(size_of::<V>()).min(n);
+        native_into::<T, O>(&mut dst[..head], &a[..head], &b[..head]);
+        let end = head + (n - head) / width * width;
+        let mut i = head;
+        while i < end {
+            let mut tile = zero;
+            // SAFETY: `tile` is `width` elements of plain old data; `i + width <= end <= n`.
+            unsafe {
+                let t = std::slice::from_raw_parts_mut((&raw mut tile).cast::<T>(), width);
+                native_into::<T, O>(t, a.get_unchecked(i..i + width), b.get_unchecked(i..i + width));
+                stream(dst.as_mut_ptr().add(i).cast::<V>(), tile);
+            }
+            i += width;
+        }
+        // Non-temporal stores are weakly ordered: fence them before whatever reads `dst` next.
+        _mm_sfence();
+        native_into::<T, O>(&mut dst[end..], &a[end..], &b[end..]);
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn stream512(p: *mut __m512i, v: __m512i) {
+        // SAFETY: the caller passes a 64-byte-aligned, writable address.
+        unsafe { _mm512_stream_si512(p, v) }
+    }
+
+    #[target_feature(enable = "avx")]
+    unsafe fn stream256(p: *mut __m256i, v: __m256i) {
+        // SAFETY: the caller passes a 32-byte-aligned, writable address.
+        unsafe { _mm256_stream_si256(p, v) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512_native_into_streaming<T: Copy, O: Op<T>>(dst: &mut [T], a: &[T], b: &[T]) {
+        // SAFETY: AVX-512F is available and `stream512` stores one aligned __m512i.
+        unsafe { native_into_streaming::<T, O, __m512i>(dst, a, b, _mm512_setzero_si512(), stream512) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn avx2_native_into_streaming<T: Copy, O: Op<T>>(dst: &mut [T], a: &[T], b: &[T]) {
+        // SAFETY: AVX2 implies AVX, and `stream256` stores one aligned __m256i.
+        unsafe { native_into_streaming::<T, O, __m256i>(dst, a, b, _mm256_setzero_si256(), stream256) }
+    }
+
     /// Widens 8 f16 values (exact).
     #[inline]
     #[target_feature(enable = "avx,f16c")]
@@ -608,16 +700,35 @@ fn bytes_into<K: Kern>(dst: &mut [u8], a: &[u8], b: &[u8]) {
     }
 }
 
+fn bytes_into_streaming<K: Kern>(dst: &mut [u8], a: &[u8], b: &[u8]) {
+    if let (Some(a), Some(b)) = (typed::<K::T>(a), typed::<K::T>(b)) {
+        if let Some(d) = typed_mut::<K::T>(dst) {
+            return K::into_streaming(d, a, b);
+        }
+    }
+    bytes_into::<K>(dst, a, b)
+}
+
 /// The monomorphized byte-level entry points for one (dtype, op) pair.
 #[derive(Clone, Copy)]
 struct Kernel {
     inplace: fn(&mut [u8], &[u8]),
     into: fn(&mut [u8], &[u8], &[u8]),
+    into_streaming: fn(&mut [u8], &[u8], &[u8]),
 }
 
 impl Kernel {
     fn of<K: Kern>() -> Kernel {
-        Kernel { inplace: bytes_inplace::<K>, into: bytes_into::<K> }
+        Kernel { inplace: bytes_inplace::<K>, into: bytes_into::<K>, into_streaming: bytes_into_streaming::<K> }
+    }
+
+    /// The `into` entry point for the given kind of store.
+    fn into_for(self, streaming: bool) -> fn(&mut [u8], &[u8], &[u8]) {
+        if streaming {
+            self.into_streaming
+        } else {
+            self.into
+        }
     }
 
     /// Looks up the kernel; `Avg` combines as `Sum`.
@@ -685,6 +796,31 @@ pub fn reduce_into(dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &
     check_len(dtype, dst.len(), a.len());
     check_len(dtype, dst.len(), b.len());
     (Kernel::get(dtype, op).into)(dst, a, b);
+}
+
+/// [`reduce_into`] with the same result, but writing `dst` with non-temporal (streaming)
+/// stores, which skip reading the destination's cache lines before overwriting them and leave
+/// the result in memory rather than in the caches. Worth it only when `dst` is large and not
+/// read again soon: the ring allreduce uses it for messages of `ACCL_STREAM_MIN` and more.
+///
+/// Streaming stores are used on x86-64 CPUs with AVX2 or AVX-512F for the integer types, `f32`
+/// and `f64`; `f16`/`bf16`, other CPUs and unaligned buffers store normally.
+///
+/// ```
+/// use accl_core::{reduce::reduce_into_streaming, DataType, ReduceOp};
+/// let (a, b) = ([1i32, 2, 3].map(i32::to_ne_bytes).concat(), [10i32, 20, 30].map(i32::to_ne_bytes).concat());
+/// let mut dst = vec![0u8; 12];
+/// reduce_into_streaming(DataType::I32, ReduceOp::Sum, &mut dst, &a, &b);
+/// assert_eq!(dst, [11i32, 22, 33].map(i32::to_ne_bytes).concat());
+/// ```
+///
+/// # Panics
+/// As [`reduce_into`].
+#[track_caller]
+pub fn reduce_into_streaming(dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) {
+    check_len(dtype, dst.len(), a.len());
+    check_len(dtype, dst.len(), b.len());
+    (Kernel::get(dtype, op).into_streaming)(dst, a, b);
 }
 
 /// `buf[i] = buf[i] / n`, the final step of [`ReduceOp::Avg`].
@@ -846,16 +982,27 @@ impl Reducer {
     /// Same as the free [`reduce_into`], possibly multi-threaded.
     #[track_caller]
     pub fn reduce_into(&self, dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) {
+        self.reduce_into_stored(dtype, op, dst, a, b, false)
+    }
+
+    /// Same as the free [`reduce_into_streaming`], possibly multi-threaded.
+    #[track_caller]
+    pub fn reduce_into_streaming(&self, dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) {
+        self.reduce_into_stored(dtype, op, dst, a, b, true)
+    }
+
+    #[track_caller]
+    fn reduce_into_stored(&self, dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8], streaming: bool) {
         check_len(dtype, dst.len(), a.len());
         check_len(dtype, dst.len(), b.len());
-        let k = Kernel::get(dtype, op);
+        let into = Kernel::get(dtype, op).into_for(streaming);
         match self.split(dst.len()) {
-            None => (k.into)(dst, a, b),
+            None => into(dst, a, b),
             Some((pool, piece)) => pool.install(|| {
                 dst.par_chunks_mut(piece)
                     .zip(a.par_chunks(piece))
                     .zip(b.par_chunks(piece))
-                    .for_each(|((d, a), b)| (k.into)(d, a, b))
+                    .for_each(|((d, a), b)| into(d, a, b))
             }),
         }
     }
@@ -1088,6 +1235,10 @@ mod tests {
                         reduce_into(dtype, op, d, ba.at(oa, &a), bb.at(ob, &b));
                         assert!(same(dtype, d, &want), "reduce_into {ctx} off={od},{oa},{ob}");
 
+                        let d = bd.at(od, &vec![0xc3; a.len()]);
+                        reduce_into_streaming(dtype, op, d, ba.at(oa, &a), bb.at(ob, &b));
+                        assert!(same(dtype, d, &want), "reduce_into_streaming {ctx} off={od},{oa},{ob}");
+
                         let d = bd.at(od, &a);
                         par.reduce_inplace(dtype, op, d, ba.at(oa, &b));
                         assert!(same(dtype, d, &want), "Reducer::reduce_inplace {ctx}");
@@ -1095,6 +1246,10 @@ mod tests {
                         let d = bd.at(od, &vec![0x5a; a.len()]);
                         par.reduce_into(dtype, op, d, ba.at(oa, &a), bb.at(ob, &b));
                         assert!(same(dtype, d, &want), "Reducer::reduce_into {ctx}");
+
+                        let d = bd.at(od, &vec![0x3c; a.len()]);
+                        par.reduce_into_streaming(dtype, op, d, ba.at(oa, &a), bb.at(ob, &b));
+                        assert!(same(dtype, d, &want), "Reducer::reduce_into_streaming {ctx}");
                     }
                 }
             }
@@ -1460,6 +1615,41 @@ mod tests {
                 assert!(same(dtype, d1, d2), "into {dtype} {op} off={off}");
             }
         }
+    }
+
+    /// Both streaming-store paths (AVX-512F and AVX2), whichever this CPU has, against the
+    /// plain loop: unaligned heads, partial vectors at the tail, every element size.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn streaming_paths_match_plain_loop() {
+        fn check<T: Copy + PartialEq + std::fmt::Debug + Default, O: Op<T>>(gen: impl Fn(usize) -> T) {
+            for len in [0, 1, 15, 16, 17, 63, 64, 65, 200, 1031] {
+                for skip in 0..9 {
+                    let a: Vec<T> = (0..len + skip).map(&gen).collect();
+                    let b: Vec<T> = (0..len + skip).map(|i| gen(i * 7 + 3)).collect();
+                    let mut want = vec![T::default(); len];
+                    native_into::<T, O>(&mut want, &a[skip..], &b[skip..]);
+                    let mut got = vec![T::default(); len + skip];
+                    if x86::has_avx512f() {
+                        // SAFETY: checked just above.
+                        unsafe { x86::avx512_native_into_streaming::<T, O>(&mut got[skip..], &a[skip..], &b[skip..]) };
+                        assert_eq!(got[skip..], want[..], "avx512 len={len} skip={skip}");
+                    }
+                    got.fill(T::default());
+                    if x86::has_avx2() {
+                        // SAFETY: checked just above.
+                        unsafe { x86::avx2_native_into_streaming::<T, O>(&mut got[skip..], &a[skip..], &b[skip..]) };
+                        assert_eq!(got[skip..], want[..], "avx2 len={len} skip={skip}");
+                    }
+                }
+            }
+        }
+        check::<f32, OpSum>(|i| i as f32 * 0.5 - 100.0);
+        check::<f64, OpMax>(|i| (i as f64).sin());
+        check::<i8, OpProd>(|i| i as i8);
+        check::<u32, OpMin>(|i| (i as u32).wrapping_mul(40503));
+        check::<i32, OpSum>(|i| (i as i32).wrapping_mul(-1_640_531_527));
+        check::<u64, OpProd>(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     }
 
     #[test]

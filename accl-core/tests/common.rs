@@ -16,6 +16,8 @@ pub fn test_config(transport: TransportKind) -> Config {
         timeout: Duration::from_secs(20),
         spin: Duration::from_micros(20),
         reduce_threads: 1,
+        // Low enough that the suite's larger sizes take the streaming-store reductions.
+        stream_min: 32 << 10,
         ..Config::default()
     }
 }

@@ -10,7 +10,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use accl_core::reduce::{reduce_inplace, reduce_into};
+use accl_core::reduce::{reduce_inplace, reduce_into, reduce_into_streaming};
 use accl_core::{DataType, ReduceOp};
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
@@ -113,6 +113,11 @@ fn into_f32_sum(c: &mut Criterion) {
         let mut dst = vec![0u8; len];
         group.bench_function(format!("f32-sum/{size}"), |bench| {
             bench.iter(|| reduce_into(DataType::F32, ReduceOp::Sum, black_box(&mut dst), black_box(&a), black_box(&b)))
+        });
+        group.bench_function(format!("f32-sum-streaming/{size}"), |bench| {
+            bench.iter(|| {
+                reduce_into_streaming(DataType::F32, ReduceOp::Sum, black_box(&mut dst), black_box(&a), black_box(&b))
+            })
         });
     }
     group.finish();

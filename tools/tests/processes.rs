@@ -28,9 +28,15 @@ fn report(out: &Output) -> String {
 }
 
 /// The suite as separate processes: small chunks and segments and 3 lanes so that modest
-/// sizes cross every boundary.
+/// sizes cross every boundary, and streaming-store reductions from 32 KiB.
 fn suite(n: usize) {
-    let env = [("ACCL_LANES", "3"), ("ACCL_CHUNK_SIZE", "16K"), ("ACCL_SEGMENT_SIZE", "8K"), ("ACCL_TIMEOUT", "30")];
+    let env = [
+        ("ACCL_LANES", "3"),
+        ("ACCL_CHUNK_SIZE", "16K"),
+        ("ACCL_SEGMENT_SIZE", "8K"),
+        ("ACCL_STREAM_MIN", "32K"),
+        ("ACCL_TIMEOUT", "30"),
+    ];
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_accl-run"));
     cmd.arg("-n").arg(n.to_string()).arg("--").arg(env!("CARGO_BIN_EXE_accl-check")).env_remove("ACCL_ROOT");
     for (k, v) in env {

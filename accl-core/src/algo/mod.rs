@@ -253,6 +253,9 @@ pub struct Plan {
     pub segment: usize,
     /// Peers an all2all exchanges with at once.
     pub window: usize,
+    /// Messages of at least this many bytes per rank stream their reduction results past the
+    /// caches (see [`Step::ReduceInto`]); 0: never.
+    pub stream_min: usize,
     /// Point-to-point: whether this rank sends and/or receives.
     pub p2p_send: bool,
     pub p2p_recv: bool,
@@ -281,6 +284,13 @@ impl Plan {
             (Collective::SendRecv, _) => alltoall::send_recv(self),
             (coll, algo) => unreachable!("{algo} does not implement {coll}; choose() and AlgoChoice prevent this"),
         }
+    }
+
+    /// Whether reductions whose results are read again only much later (after more bytes
+    /// than the caches hold have gone through them) should write them with streaming stores,
+    /// for a message of `bytes` per rank.
+    fn streams(&self, bytes: usize) -> bool {
+        self.stream_min > 0 && bytes >= self.stream_min
     }
 
     /// A builder for this plan; in place, the input sits in the output at `input_offset`.

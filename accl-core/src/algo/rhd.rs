@@ -65,7 +65,12 @@ fn exchange_reduce(
         if let Some(&(s, l)) = recvs.get(g) {
             let slot = sub(slot, s * e, l * e);
             b.push(Step::Recv { peer, dst: slot });
-            b.push(Step::ReduceInto { dst: sub(dst, s * e, l * e), a: sub(a, s * e, l * e), b: slot });
+            b.push(Step::ReduceInto {
+                dst: sub(dst, s * e, l * e),
+                a: sub(a, s * e, l * e),
+                b: slot,
+                streaming: false,
+            });
         }
     }
 }

@@ -41,6 +41,11 @@ const TWO_RANK_LAG: usize = 1;
 /// the allgather's receive into the output follows the reduce-scatter's send of the same bytes
 /// closely. On the 2-core development machine that took the 2-rank out-of-place busbw at 32 MiB
 /// from 88 % to 98 % of sendrecv's (docs/performance.md).
+///
+/// With 3 or more ranks, a reduce-scatter sum is sent on (or, the last one, gathered) a whole
+/// block after it is computed. For large messages the block has long left the caches by then,
+/// so the sums are written with streaming stores, which skip reading the output's cache lines
+/// before overwriting them (out of place; in place the sum overwrites the line it just read).
 pub fn all_reduce(p: &Plan) -> Schedule {
     let (n, r, e) = (p.nranks, p.rank, p.elem);
     let mut b = p.builder(0);
@@ -75,6 +80,7 @@ pub fn all_reduce(p: &Plan) -> Schedule {
         .collect();
     let most = plan.iter().map(|(s, r)| s.len().max(r.len())).max().unwrap_or(0);
     let lag = if n == 2 { TWO_RANK_LAG } else { most };
+    let streaming = n > 2 && p.streams(p.count * e);
     for t in 0..most + lag * (steps - 1) {
         // The steps with a segment g = t - k*lag in 0..most.
         let (first, last) = ((t + 1).saturating_sub(most).div_ceil(lag), (t / lag).min(steps - 1));
@@ -89,7 +95,7 @@ pub fn all_reduce(p: &Plan) -> Schedule {
             if k < n - 1 {
                 let slot = slots.take(len * e);
                 b.push(Step::Recv { peer: left, dst: slot });
-                b.push(Step::ReduceInto { dst, a: b.input(start * e, len * e), b: slot });
+                b.push(Step::ReduceInto { dst, a: b.input(start * e, len * e), b: slot, streaming });
                 if k == n - 2 {
                     // The last reduce-scatter step leaves this rank's block fully reduced.
                     p.finish_avg(&mut b, dst);
@@ -104,6 +110,9 @@ pub fn all_reduce(p: &Plan) -> Schedule {
 
 /// Ring reduce-scatter: the input holds n blocks of `count`; rank r keeps the reduced block r.
 /// In place, the one buffer holds the n input blocks and the output is its block r.
+///
+/// Each step forwards the partial sums of the step before, a whole block after computing them;
+/// for large messages they are written with streaming stores (see [`all_reduce`]).
 pub fn reduce_scatter(p: &Plan) -> Schedule {
     let (n, r, e, count) = (p.nranks, p.rank, p.elem, p.count);
     let mut b = p.builder(0);
@@ -118,6 +127,7 @@ pub fn reduce_scatter(p: &Plan) -> Schedule {
     let (right, left) = ((r + 1) % n, (r + n - 1) % n);
     let seg = p.seg_elems(count);
     let mut slots = Slots::new(&mut b, seg * e);
+    let streaming = p.streams(n * count * e);
     // Partial sums live from their step to the next one's sends: one buffer per step parity.
     let accs = [b.scratch(count * e), b.scratch(count * e)];
     // Partial sums of the previous step, by segment, to forward at the next step.
@@ -137,7 +147,7 @@ pub fn reduce_scatter(p: &Plan) -> Schedule {
                 Region { off: accs[s % 2].off + start * e, len: len * e, ..accs[s % 2] }
             };
             let a = input(&b, rb, start, len);
-            b.push(Step::ReduceInto { dst, a, b: slot });
+            b.push(Step::ReduceInto { dst, a, b: slot, streaming });
             next.push(dst);
         }
         carried = next;

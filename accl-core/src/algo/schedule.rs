@@ -41,8 +41,10 @@ pub enum Step {
     Recv { peer: usize, dst: Region },
     /// `dst = op(dst, src)`.
     Reduce { dst: Region, src: Region },
-    /// `dst = op(a, b)`; `a` may be `dst` itself.
-    ReduceInto { dst: Region, a: Region, b: Region },
+    /// `dst = op(a, b)`; `a` may be `dst` itself. With `streaming`, `dst` is written with
+    /// non-temporal stores (see [`crate::reduce::reduce_into_streaming`]): for a result that
+    /// stays unread until it has long left the caches.
+    ReduceInto { dst: Region, a: Region, b: Region, streaming: bool },
     /// `dst = src`.
     Copy { dst: Region, src: Region },
     /// `buf /= nranks` (the end of `Avg`).
@@ -259,7 +261,7 @@ mod tests {
         let slot = b.scratch(16);
         let out = b.output(0, 16);
         let recv = b.push(Step::Recv { peer: 1, dst: slot });
-        let red = b.push(Step::ReduceInto { dst: out, a: b.input(0, 16), b: slot });
+        let red = b.push(Step::ReduceInto { dst: out, a: b.input(0, 16), b: slot, streaming: false });
         let send = b.push(Step::Send { peer: 1, src: out });
         let recv2 = b.push(Step::Recv { peer: 1, dst: slot });
         let s = b.build();

@@ -85,7 +85,7 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
                         let v = sum(&read(dst, &output, &scratch), &read(src, &output, &scratch));
                         write(dst, &v, &mut output, &mut scratch);
                     }
-                    Step::ReduceInto { dst, a, b } => {
+                    Step::ReduceInto { dst, a, b, .. } => {
                         let v = sum(&read(a, &output, &scratch), &read(b, &output, &scratch));
                         write(dst, &v, &mut output, &mut scratch);
                     }
@@ -135,6 +135,7 @@ fn plan(coll: Collective, algo: Algorithm, rank: usize, nranks: usize, count: us
         in_place,
         segment: 64,
         window: 2,
+        stream_min: 0,
         p2p_send: false,
         p2p_recv: false,
     }
@@ -227,5 +228,30 @@ fn gather_scatter_alltoall_barrier() {
         let plans: Vec<_> =
             (0..n).map(|r| plan(Collective::Barrier, Algorithm::Dissemination, r, n, 0, false)).collect();
         simulate(&plans, &vec![Vec::new(); n], 0);
+    }
+}
+
+/// Streaming stores only for the ring's reduce-scatter sums of large messages, with 3 or more
+/// ranks for allreduce (with 2, each sum is sent back while still in cache).
+#[test]
+fn streaming_stores_only_for_large_ring_reductions() {
+    let streams = |p: &Plan| p.schedule().steps.iter().any(|s| matches!(s, Step::ReduceInto { streaming: true, .. }));
+    for (coll, n, count, stream_min, want) in [
+        (Collective::AllReduce, 4, 1000, 8000, true),
+        (Collective::AllReduce, 4, 999, 8000, false),
+        (Collective::AllReduce, 4, 1000, 0, false),
+        (Collective::AllReduce, 3, 1000, 8000, true),
+        (Collective::AllReduce, 2, 1000, 8000, false),
+        (Collective::ReduceScatter, 4, 250, 8000, true),
+        (Collective::ReduceScatter, 2, 250, 8000, false),
+        (Collective::ReduceScatter, 2, 500, 8000, true),
+    ] {
+        for rank in 0..n {
+            let p = Plan { stream_min, ..plan(coll, Algorithm::Ring, rank, n, count, false) };
+            assert_eq!(streams(&p), want, "{coll} n={n} count={count} stream_min={stream_min} rank {rank}");
+        }
+    }
+    for algo in [Algorithm::HalvingDoubling, Algorithm::RecursiveDoubling] {
+        assert!(!streams(&Plan { stream_min: 8, ..plan(Collective::AllReduce, algo, 0, 4, 1000, false) }));
     }
 }

@@ -78,7 +78,7 @@ pub fn reduce(p: &Plan, chain: bool) -> Schedule {
             next_slot += 1;
             slot.len = l * e;
             b.push(Step::Recv { peer: real(c), dst: slot });
-            b.push(Step::ReduceInto { dst: acc, a: have, b: slot });
+            b.push(Step::ReduceInto { dst: acc, a: have, b: slot, streaming: false });
             have = acc;
         }
         match parent {
