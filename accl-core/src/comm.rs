@@ -219,6 +219,8 @@ pub struct Communicator {
     abort: Arc<AbortState>,
     failed: Option<String>,
     reducer: Reducer,
+    /// `config.stream_min`, resolved for this machine and rank count.
+    stream_min: usize,
     schedules: HashMap<Plan, Arc<Schedule>>,
     /// The schedule of the previous call: loops repeat one shape, so look there first.
     last_schedule: Option<(Plan, Arc<Schedule>)>,
@@ -349,9 +351,11 @@ impl Communicator {
             .map(|(s, r)| PeerLanes::new(s.into_iter().flatten().collect(), r.into_iter().flatten().collect()))
             .collect();
         bootstrap.barrier()?;
+        let stream_min = config.stream_min.unwrap_or_else(|| crate::config::default_stream_min(nranks));
         if config.debug {
             eprintln!(
-                "accl: rank {rank}/{nranks} ready: transport={} ({}) lanes={lanes} flow_label={:#x} comm={comm_id:016x}",
+                "accl: rank {rank}/{nranks} ready: transport={} ({}) lanes={lanes} flow_label={:#x} \
+                 stream_min={stream_min} comm={comm_id:016x}",
                 provider.name(),
                 choice.reason,
                 config.flow_label
@@ -373,6 +377,7 @@ impl Communicator {
             abort: Arc::new(AbortState::default()),
             failed: None,
             reducer: Reducer::new(config.reduce_threads),
+            stream_min,
             schedules: HashMap::new(),
             last_schedule: None,
             exec_state: ExecState::default(),
@@ -629,7 +634,7 @@ impl Communicator {
             in_place,
             segment: self.config.segment_size,
             window: self.config.a2a_window,
-            stream_min: self.config.stream_min,
+            stream_min: self.stream_min,
             p2p_send: args.send_to.is_some(),
             p2p_recv: args.recv_from.is_some(),
         };

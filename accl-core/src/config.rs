@@ -72,8 +72,9 @@ pub struct Config {
     /// Peers an all2all exchanges with at once (`ACCL_A2A_WINDOW`).
     pub a2a_window: usize,
     /// Message size (bytes per rank) from which the ring allreduce and reduce_scatter write
-    /// their partial and final sums with streaming stores; 0 never does (`ACCL_STREAM_MIN`).
-    pub stream_min: usize,
+    /// their partial and final sums with streaming stores; 0 never does; `None` picks it at
+    /// init with [`auto_stream_min`] (`ACCL_STREAM_MIN`, `auto` by default).
+    pub stream_min: Option<usize>,
     /// Socket send/receive buffer size in bytes; 0 keeps the kernel's autotuning
     /// (`ACCL_SOCKET_BUF`).
     pub socket_buf: usize,
@@ -97,7 +98,7 @@ impl Default for Config {
             listen_addr: None,
             reduce_threads: 1,
             a2a_window: 4,
-            stream_min: 16 << 20,
+            stream_min: None,
             socket_buf: 0,
             debug: false,
             ib: crate::transport::ib::IbSettings::default(),
@@ -201,7 +202,11 @@ impl Config {
         )? {
             c.a2a_window = n;
         }
-        if let Some(n) = env_parsed("ACCL_STREAM_MIN", parse_size, "expected a size, e.g. 16M, or 0")? {
+        if let Some(n) = env_parsed(
+            "ACCL_STREAM_MIN",
+            |v| if v.trim().eq_ignore_ascii_case("auto") { Some(None) } else { parse_size(v).map(Some) },
+            "expected auto, a size such as 16M, or 0",
+        )? {
             c.stream_min = n;
         }
         if let Some(n) = env_parsed("ACCL_SOCKET_BUF", parse_size, "expected a size, e.g. 4M, or 0")? {
@@ -220,10 +225,49 @@ fn parse_u32_auto(v: &str) -> Option<u32> {
     }
 }
 
-/// Cores divided by the ranks sharing this host (`ACCL_LOCAL_NRANKS`, set by `accl-run`), so
-/// that reduction threads never oversubscribe the machine.
+/// Ranks sharing this host, if known (`ACCL_LOCAL_NRANKS`, set by `accl-run`).
+fn local_nranks() -> Option<usize> {
+    env_var("ACCL_LOCAL_NRANKS").and_then(|v| v.parse::<usize>().ok()).filter(|n| *n >= 1)
+}
+
+/// Cores divided by the ranks sharing this host, so that reduction threads never
+/// oversubscribe the machine.
 fn default_reduce_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let local = env_var("ACCL_LOCAL_NRANKS").and_then(|v| v.parse::<usize>().ok()).filter(|n| *n >= 1).unwrap_or(cores);
-    (cores / local).max(1)
+    (cores / local_nranks().unwrap_or(cores)).max(1)
+}
+
+/// The size of the largest CPU cache (on Linux, from sysfs); 32 MiB where it cannot be read.
+pub fn last_level_cache_bytes() -> usize {
+    let sizes =
+        std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").into_iter().flatten().flatten().filter_map(|entry| {
+            let text = std::fs::read_to_string(entry.path().join("size")).ok()?;
+            parse_size(text.trim())
+        });
+    sizes.max().filter(|&n| n > 0).unwrap_or(32 << 20)
+}
+
+/// The default `stream_min` for `nranks` ranks: the message size from which a ring sum has left
+/// the last-level cache by the time it is read again.
+///
+/// A ring reduce-scatter sum is sent on a block (1/`nranks` of the message) after it is
+/// written; meanwhile each rank on the host reads a block of input and writes a block of sums,
+/// so 2 × local ranks × message / `nranks` bytes go through the shared cache. Streaming stores
+/// pay off once that exceeds the cache: from cache × `nranks` / (2 × local ranks). On the 2-core
+/// development VM (32 MiB of L3, 4 local ranks) that is 16 MiB, where they began to gain in
+/// measurements (docs/performance.md). Unknown local ranks count as one.
+///
+/// ```
+/// use accl_core::config::auto_stream_min;
+/// assert_eq!(auto_stream_min(32 << 20, 4, 4), 16 << 20);
+/// assert_eq!(auto_stream_min(32 << 20, 8, 1), 128 << 20);
+/// ```
+pub fn auto_stream_min(cache_bytes: usize, nranks: usize, local_nranks: usize) -> usize {
+    (cache_bytes.saturating_mul(nranks.max(1)) / (2 * local_nranks.max(1))).max(1)
+}
+
+/// [`auto_stream_min`] for this machine and `nranks` ranks, with `ACCL_LOCAL_NRANKS` ranks on
+/// this host.
+pub fn default_stream_min(nranks: usize) -> usize {
+    auto_stream_min(last_level_cache_bytes(), nranks, local_nranks().unwrap_or(1).min(nranks.max(1)))
 }

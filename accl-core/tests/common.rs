@@ -17,7 +17,7 @@ pub fn test_config(transport: TransportKind) -> Config {
         spin: Duration::from_micros(20),
         reduce_threads: 1,
         // Low enough that the suite's larger sizes take the streaming-store reductions.
-        stream_min: 32 << 10,
+        stream_min: Some(32 << 10),
         ..Config::default()
     }
 }

@@ -198,6 +198,37 @@ fn bad_arguments_are_rejected() {
 }
 
 #[test]
+fn stream_min_setting() {
+    // A bad value is an error naming the variable; auto and sizes are accepted and reported.
+    let out = Command::new(PERF)
+        .args(["allreduce", "--ranks", "2", "-b", "8", "-e", "8"])
+        .env_remove("ACCL_ROOT")
+        .env("ACCL_STREAM_MIN", "lots")
+        .output()
+        .expect("binary runs");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ACCL_STREAM_MIN"), "{}", text(&out));
+    for (value, want) in [("auto", None), ("64K", Some("stream_min=65536 ")), ("0", Some("stream_min=0 "))] {
+        let out = Command::new(PERF)
+            .args(["allreduce", "--ranks", "3", "-b", "8", "-e", "256K", "-f", "32", "-w", "1", "-n", "2", "-c", "1"])
+            .env_remove("ACCL_ROOT")
+            .env("ACCL_STREAM_MIN", value)
+            .env("ACCL_DEBUG", "1")
+            .output()
+            .expect("binary runs");
+        assert!(out.status.success(), "ACCL_STREAM_MIN={value}\n{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("stream_min="), "{}", text(&out));
+        if let Some(want) = want {
+            assert!(stderr.contains(want), "ACCL_STREAM_MIN={value}\n{}", text(&out));
+        }
+        let rows = rows(&out);
+        assert_eq!(rows.len(), 4, "{}", text(&out));
+        assert!(rows.iter().all(|r| r[8] == "0" && r[12] == "0"), "{}", text(&out));
+    }
+}
+
+#[test]
 fn bad_root_is_reported() {
     let out = run(PERF, &["broadcast", "--ranks", "2", "-r", "5", "-b", "8", "-e", "8"]);
     assert!(!out.status.success());
