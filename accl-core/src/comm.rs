@@ -692,14 +692,21 @@ impl Communicator {
             return;
         }
         let notice = encode_notice(self.rank, err.blamed_rank(), &err.to_string());
-        // Lane 0 of each peer; a transport sends it on whichever end carries notices.
+        // On every lane, both ends (a transport sends it on whichever end carries notices): a
+        // peer reads the lanes in its own order, and a lane in the middle of a message cannot
+        // carry one, so each lane that can says why.
         for peer in &mut self.peers {
-            if let Some(lane) = peer.recv.first_mut() {
+            for lane in &mut peer.recv {
                 lane.send_notice(&notice);
             }
-            if let Some(lane) = peer.send.first_mut() {
+            for lane in &mut peer.send {
                 lane.send_notice(&notice);
             }
+        }
+        // The caller gets its buffers back with the error: no peer may read them after this.
+        for peer in &mut self.peers {
+            peer.recv.iter_mut().for_each(|lane| lane.cancel());
+            peer.send.iter_mut().for_each(|lane| lane.cancel());
         }
         self.failed = Some(err.to_string());
     }

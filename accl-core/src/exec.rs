@@ -554,6 +554,15 @@ fn prefer_notice(peers: &mut [PeerLanes], rank: usize, peer: usize, err: Error) 
         }
     }
     for (lane, l) in peers[peer].recv.iter_mut().enumerate() {
+        // The peer may have sent data before its notice: take in what receives are posted for
+        // (the buffers are still the caller's), up to the notice or the end of what is there.
+        loop {
+            match l.progress() {
+                Ok(0) | Err(LaneError::Closed(_) | LaneError::Mismatch { .. } | LaneError::Completion { .. }) => break,
+                Ok(_) => {}
+                Err(e @ LaneError::Notice(_)) => return lane_error(rank, peer, lane, e),
+            }
+        }
         if let Some(body) = l.take_notice() {
             return lane_error(rank, peer, lane, LaneError::Notice(body));
         }

@@ -228,6 +228,15 @@ impl SendLane for MemSendLane {
     fn wait_source(&self) -> Option<WaitSource> {
         Some(WaitSource::Bell(self.channel.sender_bell.clone()))
     }
+
+    fn cancel(&mut self) {
+        // The receiver copies under this lock, so once the queue is empty no copy of ours is
+        // running or can start.
+        let mut st = lock(&self.channel.state);
+        st.sends.clear();
+        self.posted = st.completed;
+        self.completed = st.completed;
+    }
 }
 
 struct MemRecvLane {
@@ -301,7 +310,53 @@ impl RecvLane for MemRecvLane {
         self.channel.sender_bell.ring();
     }
 
+    fn cancel(&mut self) {
+        self.posted.clear();
+    }
+
     fn wait_source(&self) -> Option<WaitSource> {
         Some(WaitSource::Bell(self.channel.receiver_bell.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::HEADER_LEN;
+
+    fn lanes() -> (MemSendLane, MemRecvLane) {
+        let channel = Arc::new(Channel {
+            state: Mutex::new(ChannelState::default()),
+            sender_bell: Doorbell::new(),
+            receiver_bell: Doorbell::new(),
+        });
+        let send = MemSendLane { channel: channel.clone(), posted: 0, completed: 0 };
+        (send, MemRecvLane { channel, posted: VecDeque::new() })
+    }
+
+    #[test]
+    fn cancelled_sends_are_never_read() {
+        let (mut send, mut recv) = lanes();
+        let header = [7u8; HEADER_LEN];
+        let (first, second) = (vec![1u8; 64], vec![2u8; 64]);
+        let mut dst = vec![0u8; 64];
+        // SAFETY: both buffers outlive the posts: the first completes, the second is cancelled.
+        unsafe {
+            send.post(&header, first.as_ptr(), 64, None).unwrap();
+            recv.post(&header, dst.as_mut_ptr(), 64, None).unwrap();
+        }
+        assert_eq!(recv.progress().unwrap(), 1);
+        assert_eq!(send.progress().unwrap(), 1);
+        // SAFETY: as above.
+        unsafe { send.post(&header, second.as_ptr(), 64, None).unwrap() };
+        send.cancel();
+        assert_eq!(send.queued(), 0);
+        dst.fill(0);
+        // SAFETY: `dst` outlives the receive, which is cancelled below.
+        unsafe { recv.post(&header, dst.as_mut_ptr(), 64, None).unwrap() };
+        assert_eq!(recv.progress().unwrap(), 0, "a cancelled send was delivered");
+        assert_eq!(dst, vec![0u8; 64]);
+        recv.cancel();
+        assert_eq!(recv.queued(), 0);
     }
 }

@@ -160,7 +160,7 @@ pub trait SendLane: Send {
     ///
     /// # Safety
     /// `data..data+len` must stay valid and unchanged until `progress` has counted this send as
-    /// complete, or the lane is dropped.
+    /// complete, [`SendLane::cancel`] has withdrawn it, or the lane is dropped.
     unsafe fn post(
         &mut self,
         header: &Header,
@@ -180,6 +180,12 @@ pub trait SendLane: Send {
     /// Best effort, never blocks: on a duplex lane the notice of [`RecvLane::send_notice`]
     /// travels this way instead.
     fn send_notice(&mut self, _notice: &[u8]) {}
+    /// Withdraws every posted send that has not completed: once it returns, neither this lane
+    /// nor the peer touches their memory again, so a failed call can return its buffers to the
+    /// caller. The lane carries no data afterwards. Transports that read posted memory only
+    /// inside `progress` (sockets, verbs through their own slots) need nothing here; the
+    /// in-process transport, whose receivers copy straight from the sender's buffers, does.
+    fn cancel(&mut self) {}
     /// The IPv6 flow label this lane's packets carry (0 when none was set).
     fn flow_label(&self) -> u32 {
         0
@@ -202,7 +208,8 @@ pub trait RecvLane: Send {
     ///
     /// # Safety
     /// `data..data+len` must stay valid and not be accessed by others until `progress` has
-    /// counted this receive as complete, or the lane is dropped.
+    /// counted this receive as complete, [`RecvLane::cancel`] has withdrawn it, or the lane is
+    /// dropped.
     unsafe fn post(
         &mut self,
         expect: &Header,
@@ -225,6 +232,8 @@ pub trait RecvLane: Send {
     /// Best effort, never blocks: tells the sender that this rank failed, so that it fails too
     /// instead of waiting for its timeout (simplex lanes; duplex ones use the send end).
     fn send_notice(&mut self, _notice: &[u8]) {}
+    /// Withdraws every posted receive that has not completed (see [`SendLane::cancel`]).
+    fn cancel(&mut self) {}
     /// What to wait on; `None`: nothing to wait for.
     fn wait_source(&self) -> Option<WaitSource>;
     /// As [`SendLane::prepare_wait`].
