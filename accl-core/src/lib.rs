@@ -2,7 +2,7 @@
 //!
 //! A [`Communicator`] runs allreduce, reduce, all2all, broadcast, allgather, reduce_scatter,
 //! barrier and send/recv across processes on one or many hosts. The collectives are
-//! [schedules](algo) that run unchanged on every [transport](transport); today that is IPv6 TCP
+//! [schedules](algo) that run unchanged on every [transport]; today that is IPv6 TCP
 //! (one socket per lane, optional flow label per lane) and an in-process transport for tests.
 //!
 //! ```no_run

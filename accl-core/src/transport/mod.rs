@@ -183,8 +183,10 @@ pub trait SendLane: Send {
     /// Withdraws every posted send that has not completed: once it returns, neither this lane
     /// nor the peer touches their memory again, so a failed call can return its buffers to the
     /// caller. The lane carries no data afterwards. Transports that read posted memory only
-    /// inside `progress` (sockets, verbs through their own slots) need nothing here; the
-    /// in-process transport, whose receivers copy straight from the sender's buffers, does.
+    /// inside `progress` (sockets; verbs, which copies through its own slots, or sends from
+    /// memory the caller registered and keeps mapped until it deregisters it) need nothing
+    /// here; the in-process transport, whose receivers copy straight from the sender's
+    /// buffers, does.
     fn cancel(&mut self) {}
     /// The IPv6 flow label this lane's packets carry (0 when none was set).
     fn flow_label(&self) -> u32 {
