@@ -694,19 +694,17 @@ impl Communicator {
         let notice = encode_notice(self.rank, err.blamed_rank(), &err.to_string());
         // On every lane, both ends (a transport sends it on whichever end carries notices): a
         // peer reads the lanes in its own order, and a lane in the middle of a message cannot
-        // carry one, so each lane that can says why.
+        // carry one, so each lane that can says why. Then cancel: the caller gets its buffers
+        // back with the error, so no peer may read them after this.
         for peer in &mut self.peers {
             for lane in &mut peer.recv {
                 lane.send_notice(&notice);
+                lane.cancel();
             }
             for lane in &mut peer.send {
                 lane.send_notice(&notice);
+                lane.cancel();
             }
-        }
-        // The caller gets its buffers back with the error: no peer may read them after this.
-        for peer in &mut self.peers {
-            peer.recv.iter_mut().for_each(|lane| lane.cancel());
-            peer.send.iter_mut().for_each(|lane| lane.cancel());
         }
         self.failed = Some(err.to_string());
     }

@@ -411,10 +411,8 @@ impl Run<'_, '_, '_> {
             Step::ReduceInto { dst, a, b, streaming } => {
                 if self.bufs.ptr(dst) == self.bufs.ptr(a) {
                     self.ctx.reducer.reduce_inplace(dtype, op, bytes_mut(dst), bytes(b));
-                } else if streaming {
-                    self.ctx.reducer.reduce_into_streaming(dtype, op, bytes_mut(dst), bytes(a), bytes(b));
                 } else {
-                    self.ctx.reducer.reduce_into(dtype, op, bytes_mut(dst), bytes(a), bytes(b));
+                    self.ctx.reducer.reduce_into_with(dtype, op, bytes_mut(dst), bytes(a), bytes(b), streaming);
                 }
             }
             Step::Copy { dst, src } => {
@@ -558,9 +556,10 @@ fn prefer_notice(peers: &mut [PeerLanes], rank: usize, peer: usize, err: Error) 
         // (the buffers are still the caller's), up to the notice or the end of what is there.
         loop {
             match l.progress() {
-                Ok(0) | Err(LaneError::Closed(_) | LaneError::Mismatch { .. } | LaneError::Completion { .. }) => break,
+                Ok(0) => break,
                 Ok(_) => {}
                 Err(e @ LaneError::Notice(_)) => return lane_error(rank, peer, lane, e),
+                Err(_) => break,
             }
         }
         if let Some(body) = l.take_notice() {

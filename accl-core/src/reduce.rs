@@ -722,15 +722,6 @@ impl Kernel {
         Kernel { inplace: bytes_inplace::<K>, into: bytes_into::<K>, into_streaming: bytes_into_streaming::<K> }
     }
 
-    /// The `into` entry point for the given kind of store.
-    fn into_for(self, streaming: bool) -> fn(&mut [u8], &[u8], &[u8]) {
-        if streaming {
-            self.into_streaming
-        } else {
-            self.into
-        }
-    }
-
     /// Looks up the kernel; `Avg` combines as `Sum`.
     fn get(dtype: DataType, op: ReduceOp) -> Kernel {
         macro_rules! by_op {
@@ -793,9 +784,27 @@ pub fn reduce_inplace(dtype: DataType, op: ReduceOp, dst: &mut [u8], src: &[u8])
 /// If the three lengths differ or are not a multiple of `dtype.size()`.
 #[track_caller]
 pub fn reduce_into(dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) {
+    into_kernel(dtype, op, dst, a, b, false)(dst, a, b);
+}
+
+/// The checked `into` entry point for `dtype`/`op`, with streaming stores or without.
+#[track_caller]
+fn into_kernel(
+    dtype: DataType,
+    op: ReduceOp,
+    dst: &[u8],
+    a: &[u8],
+    b: &[u8],
+    streaming: bool,
+) -> fn(&mut [u8], &[u8], &[u8]) {
     check_len(dtype, dst.len(), a.len());
     check_len(dtype, dst.len(), b.len());
-    (Kernel::get(dtype, op).into)(dst, a, b);
+    let k = Kernel::get(dtype, op);
+    if streaming {
+        k.into_streaming
+    } else {
+        k.into
+    }
 }
 
 /// [`reduce_into`] with the same result, but writing `dst` with non-temporal (streaming)
@@ -818,9 +827,7 @@ pub fn reduce_into(dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &
 /// As [`reduce_into`].
 #[track_caller]
 pub fn reduce_into_streaming(dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) {
-    check_len(dtype, dst.len(), a.len());
-    check_len(dtype, dst.len(), b.len());
-    (Kernel::get(dtype, op).into_streaming)(dst, a, b);
+    into_kernel(dtype, op, dst, a, b, true)(dst, a, b);
 }
 
 /// `buf[i] = buf[i] / n`, the final step of [`ReduceOp::Avg`].
@@ -982,20 +989,19 @@ impl Reducer {
     /// Same as the free [`reduce_into`], possibly multi-threaded.
     #[track_caller]
     pub fn reduce_into(&self, dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) {
-        self.reduce_into_stored(dtype, op, dst, a, b, false)
+        self.reduce_into_with(dtype, op, dst, a, b, false)
     }
 
     /// Same as the free [`reduce_into_streaming`], possibly multi-threaded.
     #[track_caller]
     pub fn reduce_into_streaming(&self, dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) {
-        self.reduce_into_stored(dtype, op, dst, a, b, true)
+        self.reduce_into_with(dtype, op, dst, a, b, true)
     }
 
+    /// [`Reducer::reduce_into`] or, with `streaming`, [`Reducer::reduce_into_streaming`].
     #[track_caller]
-    fn reduce_into_stored(&self, dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8], streaming: bool) {
-        check_len(dtype, dst.len(), a.len());
-        check_len(dtype, dst.len(), b.len());
-        let into = Kernel::get(dtype, op).into_for(streaming);
+    pub fn reduce_into_with(&self, dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8], streaming: bool) {
+        let into = into_kernel(dtype, op, dst, a, b, streaming);
         match self.split(dst.len()) {
             None => into(dst, a, b),
             Some((pool, piece)) => pool.install(|| {
