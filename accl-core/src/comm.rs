@@ -100,13 +100,15 @@ impl CollArgs {
 }
 
 /// One lane of the communicator, as `accl-perf -v` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LaneInfo {
     pub peer: usize,
     pub lane: usize,
     pub flow_label: u32,
     /// The RoCEv2 UDP source port of the lane's packets (verbs only).
     pub udp_sport: Option<u16>,
+    /// The TCP congestion control of the lane's socket (TCP only; see `ACCL_TCP_CONGESTION`).
+    pub congestion: Option<String>,
 }
 
 /// The transport a communicator uses, and why.
@@ -240,7 +242,9 @@ impl Communicator {
             || local.ok_or_else(|| Error::InvalidArgument("cannot tell the local address towards the root".into()));
         let choice = choose_transport(&config, &mut bootstrap)?;
         let provider: Box<dyn Provider> = match choice.kind {
-            TransportKind::Tcp | TransportKind::Auto => Box::new(TcpProvider::new(need_local()?, config.socket_buf)),
+            TransportKind::Tcp | TransportKind::Auto => Box::new(
+                TcpProvider::new(need_local()?, config.socket_buf).with_congestion(config.tcp_congestion.clone())?,
+            ),
             TransportKind::Mem => Box::new(MemProvider::new()),
             #[cfg(feature = "verbs")]
             TransportKind::Verbs => {
@@ -355,10 +359,11 @@ impl Communicator {
         if config.debug {
             eprintln!(
                 "accl: rank {rank}/{nranks} ready: transport={} ({}) lanes={lanes} flow_label={:#x} \
-                 stream_min={stream_min} comm={comm_id:016x}",
+                 tcp_congestion={} stream_min={stream_min} comm={comm_id:016x}",
                 provider.name(),
                 choice.reason,
-                config.flow_label
+                config.flow_label,
+                config.tcp_congestion
             );
         }
         Ok(Communicator {
@@ -513,6 +518,7 @@ impl Communicator {
                     lane,
                     flow_label: l.flow_label(),
                     udp_sport: l.udp_sport(),
+                    congestion: l.congestion(),
                 })
             })
             .collect()

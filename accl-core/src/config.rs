@@ -41,6 +41,55 @@ impl TransportKind {
     }
 }
 
+/// Which TCP congestion control the lanes' sockets use (`ACCL_TCP_CONGESTION`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum TcpCongestion {
+    /// Lanes between ranks on the same host (loopback) use `cubic`, or `reno` where the system
+    /// does not permit `cubic`; lanes to other hosts keep the system default. Loopback has no
+    /// bottleneck queue for a pacing algorithm such as `bbr` to protect, and pacing costs a
+    /// timer per burst: on the development VM, whose default is `bbr`, `cubic` moved 20 % more
+    /// with 4 ranks and twice as much with 2 (docs/performance.md).
+    #[default]
+    Auto,
+    /// Every lane keeps the system default (`net.ipv4.tcp_congestion_control`).
+    System,
+    /// Every lane uses this algorithm; a lane that cannot get it fails to connect.
+    Named(String),
+}
+
+impl TcpCongestion {
+    /// Parses `auto`, `system` or an algorithm name such as `cubic`.
+    ///
+    /// ```
+    /// use accl_core::config::TcpCongestion;
+    /// assert_eq!(TcpCongestion::parse("auto"), Some(TcpCongestion::Auto));
+    /// assert_eq!(TcpCongestion::parse("reno"), Some(TcpCongestion::Named("reno".into())));
+    /// assert_eq!(TcpCongestion::parse("no such"), None);
+    /// ```
+    pub fn parse(text: &str) -> Option<TcpCongestion> {
+        let t = text.trim();
+        match t.to_ascii_lowercase().as_str() {
+            "auto" => Some(TcpCongestion::Auto),
+            "system" | "default" => Some(TcpCongestion::System),
+            // The kernel's names are at most 15 bytes (TCP_CA_NAME_MAX with its NUL).
+            _ if (1..16).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+                Some(TcpCongestion::Named(t.to_string()))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TcpCongestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TcpCongestion::Auto => f.write_str("auto"),
+            TcpCongestion::System => f.write_str("system"),
+            TcpCongestion::Named(n) => f.write_str(n),
+        }
+    }
+}
+
 /// Communicator settings. `Config::default()` is the built-in default; [`Config::from_env`]
 /// applies `ACCL_*` overrides on top of it.
 #[derive(Clone, Debug)]
@@ -78,6 +127,8 @@ pub struct Config {
     /// Socket send/receive buffer size in bytes; 0 keeps the kernel's autotuning
     /// (`ACCL_SOCKET_BUF`).
     pub socket_buf: usize,
+    /// TCP congestion control of the lanes (`ACCL_TCP_CONGESTION`).
+    pub tcp_congestion: TcpCongestion,
     /// Print init and algorithm choices to stderr (`ACCL_DEBUG=1`).
     pub debug: bool,
     /// RoCE device, GID and QP settings (`ACCL_IB_*`).
@@ -100,6 +151,7 @@ impl Default for Config {
             a2a_window: 4,
             stream_min: None,
             socket_buf: 0,
+            tcp_congestion: TcpCongestion::Auto,
             debug: false,
             ib: crate::transport::ib::IbSettings::default(),
         }
@@ -211,6 +263,13 @@ impl Config {
         }
         if let Some(n) = env_parsed("ACCL_SOCKET_BUF", parse_size, "expected a size, e.g. 4M, or 0")? {
             c.socket_buf = n;
+        }
+        if let Some(cc) = env_parsed(
+            "ACCL_TCP_CONGESTION",
+            TcpCongestion::parse,
+            "expected auto, system or an algorithm name such as cubic",
+        )? {
+            c.tcp_congestion = cc;
         }
         c.debug = env_var("ACCL_DEBUG").is_some_and(|v| v != "0");
         c.ib = crate::transport::ib::IbSettings::from_env()?;

@@ -229,6 +229,33 @@ fn stream_min_setting() {
 }
 
 #[test]
+fn tcp_congestion_setting() {
+    // A malformed name is an error naming the variable; a valid one shows in the header.
+    let out = Command::new(PERF)
+        .args(["allreduce", "--ranks", "2", "-b", "8", "-e", "8"])
+        .env_remove("ACCL_ROOT")
+        .env("ACCL_TCP_CONGESTION", "not a name")
+        .output()
+        .expect("binary runs");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ACCL_TCP_CONGESTION"), "{}", text(&out));
+    let out = Command::new(PERF)
+        .args(["allreduce", "--ranks", "2", "-b", "64K", "-e", "64K", "-w", "1", "-n", "2"])
+        .env_remove("ACCL_ROOT")
+        .env("ACCL_TRANSPORT", "tcp")
+        .env("ACCL_TCP_CONGESTION", "reno")
+        .output()
+        .expect("binary runs");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("# tcp congestion control of rank 0's lanes: reno (ACCL_TCP_CONGESTION=reno)"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn bad_root_is_reported() {
     let out = run(PERF, &["broadcast", "--ranks", "2", "-r", "5", "-b", "8", "-e", "8"]);
     assert!(!out.status.success());

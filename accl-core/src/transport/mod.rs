@@ -196,6 +196,10 @@ pub trait SendLane: Send {
     fn udp_sport(&self) -> Option<u16> {
         None
     }
+    /// The TCP congestion control of the lane's socket (TCP only).
+    fn congestion(&self) -> Option<String> {
+        None
+    }
     /// Called before the executor sleeps on the wait sources: arm whatever must be armed to
     /// raise them, and return true if progress is possible right away (then it does not sleep).
     fn prepare_wait(&mut self) -> bool {

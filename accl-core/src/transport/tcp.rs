@@ -22,6 +22,7 @@ use super::{
     WaitSource, HEADER_LEN,
 };
 use crate::addr::{format_socket_addr, parse_socket_addr};
+use crate::config::TcpCongestion;
 use crate::error::{Error, Result};
 
 const HELLO_MAGIC: u32 = 0x4143_4c31; // "ACL1"
@@ -40,24 +41,93 @@ pub struct TcpProvider {
     pub listen: SocketAddr,
     /// SO_SNDBUF/SO_RCVBUF in bytes; 0 keeps the kernel's autotuning.
     pub socket_buf: usize,
+    /// Congestion control of the lanes.
+    pub congestion: TcpCongestion,
 }
 
 impl TcpProvider {
-    /// A provider whose listener binds `listen` (with port 0).
+    /// A provider whose listener binds `listen` (with port 0), with the default
+    /// [`TcpCongestion::Auto`].
     pub fn new(listen: SocketAddr, socket_buf: usize) -> TcpProvider {
         let mut listen = listen;
         listen.set_port(0);
-        TcpProvider { listen, socket_buf }
+        TcpProvider { listen, socket_buf, congestion: TcpCongestion::Auto }
     }
 
+    /// The same provider with the lanes' congestion control set to `congestion`. A named
+    /// algorithm is tried on a scratch socket first, so that every rank reports one it cannot
+    /// use before any lane connects (instead of its peers waiting for lanes that never come).
+    pub fn with_congestion(mut self, congestion: TcpCongestion) -> Result<TcpProvider> {
+        if let TcpCongestion::Named(name) = &congestion {
+            let probe = Socket::new(Domain::for_address(self.listen), Type::STREAM, Some(Protocol::TCP))
+                .map_err(|e| Error::io("TCP socket", e))?;
+            probe.set_tcp_congestion(name.as_bytes()).map_err(|e| Error::InvalidConfig {
+                name: "ACCL_TCP_CONGESTION".into(),
+                value: name.clone(),
+                reason: congestion_reason(&e),
+            })?;
+        }
+        self.congestion = congestion;
+        Ok(self)
+    }
+
+    /// Options set on every lane socket before it connects (or as it is accepted).
     fn tune(&self, sock: &Socket) -> io::Result<()> {
         sock.set_nodelay(true)?;
         if self.socket_buf > 0 {
             sock.set_send_buffer_size(self.socket_buf)?;
             sock.set_recv_buffer_size(self.socket_buf)?;
         }
+        if let TcpCongestion::Named(name) = &self.congestion {
+            sock.set_tcp_congestion(name.as_bytes()).map_err(|e| congestion_error(name, e))?;
+        }
         Ok(())
     }
+
+    /// Options that depend on where the connected socket leads.
+    fn tune_connected(&self, sock: &Socket) {
+        if self.congestion == TcpCongestion::Auto && same_host(sock) {
+            // A failure leaves the system default, which works, only slower.
+            let _ = LOCAL_CONGESTION.iter().any(|name| sock.set_tcp_congestion(name.as_bytes()).is_ok());
+        }
+    }
+}
+
+/// What [`TcpCongestion::Auto`] gives same-host lanes, in order of preference: algorithms that
+/// do not pace. `reno` is built into every kernel and always permitted.
+const LOCAL_CONGESTION: [&str; 2] = ["cubic", "reno"];
+
+/// Whether a connected socket's peer is on this host: a loopback address, or our own address.
+fn same_host(sock: &Socket) -> bool {
+    let ip = |a: io::Result<socket2::SockAddr>| a.ok().and_then(|a| a.as_socket()).map(|a| a.ip());
+    match (ip(sock.local_addr()), ip(sock.peer_addr())) {
+        (Some(local), Some(peer)) => peer.is_loopback() || local == peer,
+        _ => false,
+    }
+}
+
+/// The congestion control a socket uses.
+pub(crate) fn congestion_of(sock: &Socket) -> Option<String> {
+    let name = sock.tcp_congestion().ok()?;
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+/// Why the kernel refused a congestion control.
+fn congestion_reason(e: &io::Error) -> String {
+    let why = match e.raw_os_error() {
+        Some(libc::ENOENT) => "not available here (net.ipv4.tcp_available_congestion_control lists those that are)",
+        Some(libc::EPERM) => "not permitted (net.ipv4.tcp_allowed_congestion_control lists those that are)",
+        _ => "refused",
+    };
+    format!("{why}: {e}")
+}
+
+fn congestion_error(name: &str, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("TCP congestion control {name:?} (ACCL_TCP_CONGESTION): {}", congestion_reason(&e)),
+    )
 }
 
 impl Provider for TcpProvider {
@@ -102,7 +172,14 @@ impl Provider for TcpProvider {
         hello[20..24].copy_from_slice(&(setup.lane as u32).to_le_bytes());
         hello[24..28].copy_from_slice(&setup.flow_label.to_le_bytes());
         hello[28] = u8::from(setup.duplex);
-        Ok(Box::new(TcpConnecting { sock: Some(sock), hello, sent: 0, setup: *setup, target: text }))
+        Ok(Box::new(TcpConnecting {
+            sock: Some(sock),
+            hello,
+            sent: 0,
+            setup: *setup,
+            target: text,
+            provider: self.clone(),
+        }))
     }
 }
 
@@ -161,6 +238,7 @@ impl Listener for TcpListener {
                 Ok((s, _)) => {
                     s.set_nonblocking(true).map_err(|e| Error::io("accepted socket", e))?;
                     self.provider.tune(&s).map_err(|e| Error::io("accepted socket", e))?;
+                    self.provider.tune_connected(&s);
                     self.pending.push((s, [0; HELLO_LEN], 0));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -220,6 +298,7 @@ struct TcpConnecting {
     sent: usize,
     setup: LaneSetup,
     target: String,
+    provider: TcpProvider,
 }
 
 impl Connecting for TcpConnecting {
@@ -239,6 +318,9 @@ impl Connecting for TcpConnecting {
         }
         if sock.peer_addr().is_err() {
             return Ok(None); // handshake still in flight
+        }
+        if self.sent == 0 {
+            self.provider.tune_connected(sock);
         }
         while self.sent < HELLO_LEN {
             match send_some(sock, &self.hello[self.sent..]) {
@@ -452,6 +534,10 @@ impl SendLane for TcpSendLane {
 
     fn flow_label(&self) -> u32 {
         self.flow_label
+    }
+
+    fn congestion(&self) -> Option<String> {
+        congestion_of(&self.sock)
     }
 }
 

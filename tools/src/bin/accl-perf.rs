@@ -353,6 +353,16 @@ fn run(a: &Args) -> Result<bool, RunError> {
     if print && !a.json {
         print_header(a, n, transport, lanes, &sizes, &algos, forced, &ranks_info);
         println!("# transport {transport}: {}", comm.transport_reason());
+        let mut congestion: Vec<String> = comm.lane_info().into_iter().filter_map(|l| l.congestion).collect();
+        congestion.sort();
+        congestion.dedup();
+        if !congestion.is_empty() {
+            let setting = &comm.config().tcp_congestion;
+            println!(
+                "# tcp congestion control of rank 0's lanes: {} (ACCL_TCP_CONGESTION={setting})",
+                congestion.join(", ")
+            );
+        }
         if let Some(l) = &lanes_info {
             print_lanes(l, n, lanes);
         }
