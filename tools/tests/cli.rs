@@ -6,15 +6,27 @@ const PERF: &str = env!("CARGO_BIN_EXE_accl-perf");
 const RUN: &str = env!("CARGO_BIN_EXE_accl-run");
 
 fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
+    run_with_env(cmd, args, &[])
+}
+
+/// `run` with extra environment variables.
+fn run_with_env(cmd: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(cmd)
         .args(args)
         .env_remove("ACCL_ROOT")
         .env_remove("ACCL_RANK")
         .env_remove("ACCL_NRANKS")
         .env("ACCL_TIMEOUT", "20")
+        .envs(env.iter().copied())
         .output()
-        .expect("binary runs");
-    out
+        .expect("binary runs")
+}
+
+/// accl-perf with `var=value` fails, and its error names the variable.
+fn assert_setting_rejected(var: &str, value: &str) {
+    let out = run_with_env(PERF, &["allreduce", "--ranks", "2", "-b", "8", "-e", "8"], &[(var, value)]);
+    assert!(!out.status.success(), "{var}={value}\n{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(var), "{var}={value}\n{}", text(&out));
 }
 
 fn text(out: &Output) -> String {
@@ -200,22 +212,13 @@ fn bad_arguments_are_rejected() {
 #[test]
 fn stream_min_setting() {
     // A bad value is an error naming the variable; auto and sizes are accepted and reported.
-    let out = Command::new(PERF)
-        .args(["allreduce", "--ranks", "2", "-b", "8", "-e", "8"])
-        .env_remove("ACCL_ROOT")
-        .env("ACCL_STREAM_MIN", "lots")
-        .output()
-        .expect("binary runs");
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("ACCL_STREAM_MIN"), "{}", text(&out));
+    assert_setting_rejected("ACCL_STREAM_MIN", "lots");
     for (value, want) in [("auto", None), ("64K", Some("stream_min=65536 ")), ("0", Some("stream_min=0 "))] {
-        let out = Command::new(PERF)
-            .args(["allreduce", "--ranks", "3", "-b", "8", "-e", "256K", "-f", "32", "-w", "1", "-n", "2", "-c", "1"])
-            .env_remove("ACCL_ROOT")
-            .env("ACCL_STREAM_MIN", value)
-            .env("ACCL_DEBUG", "1")
-            .output()
-            .expect("binary runs");
+        let out = run_with_env(
+            PERF,
+            &["allreduce", "--ranks", "3", "-b", "8", "-e", "256K", "-f", "32", "-w", "1", "-n", "2", "-c", "1"],
+            &[("ACCL_STREAM_MIN", value), ("ACCL_DEBUG", "1")],
+        );
         assert!(out.status.success(), "ACCL_STREAM_MIN={value}\n{}", text(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("stream_min="), "{}", text(&out));
@@ -231,21 +234,12 @@ fn stream_min_setting() {
 #[test]
 fn tcp_congestion_setting() {
     // A malformed name is an error naming the variable; a valid one shows in the header.
-    let out = Command::new(PERF)
-        .args(["allreduce", "--ranks", "2", "-b", "8", "-e", "8"])
-        .env_remove("ACCL_ROOT")
-        .env("ACCL_TCP_CONGESTION", "not a name")
-        .output()
-        .expect("binary runs");
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("ACCL_TCP_CONGESTION"), "{}", text(&out));
-    let out = Command::new(PERF)
-        .args(["allreduce", "--ranks", "2", "-b", "64K", "-e", "64K", "-w", "1", "-n", "2"])
-        .env_remove("ACCL_ROOT")
-        .env("ACCL_TRANSPORT", "tcp")
-        .env("ACCL_TCP_CONGESTION", "reno")
-        .output()
-        .expect("binary runs");
+    assert_setting_rejected("ACCL_TCP_CONGESTION", "not a name");
+    let out = run_with_env(
+        PERF,
+        &["allreduce", "--ranks", "2", "-b", "64K", "-e", "64K", "-w", "1", "-n", "2"],
+        &[("ACCL_TRANSPORT", "tcp"), ("ACCL_TCP_CONGESTION", "reno")],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -107,7 +107,7 @@ fn same_host(sock: &Socket) -> bool {
 }
 
 /// The congestion control a socket uses.
-pub(crate) fn congestion_of(sock: &Socket) -> Option<String> {
+fn congestion_of(sock: &Socket) -> Option<String> {
     let name = sock.tcp_congestion().ok()?;
     let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
     Some(String::from_utf8_lossy(&name[..end]).into_owned())
