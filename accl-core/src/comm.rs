@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::algo::{choose, Algorithm, Collective, Plan, Schedule};
+use crate::algo::{choose, default_segment, Algorithm, Collective, Plan, Schedule};
 use crate::bootstrap::{Bootstrap, UniqueId};
 use crate::config::{env_var, Config, TransportKind};
 use crate::dtype::{DataType, Element, ReduceOp};
@@ -638,7 +638,7 @@ impl Communicator {
             root: if args.coll == Collective::SendRecv { args.send_to.unwrap_or(0) } else { args.root },
             src: args.recv_from.unwrap_or(0),
             in_place,
-            segment: self.config.segment_size,
+            segment: self.config.segment_size.unwrap_or_else(|| default_segment(args.coll, algo)),
             window: self.config.a2a_window,
             stream_min: self.stream_min,
             p2p_send: args.send_to.is_some(),

@@ -106,8 +106,9 @@ pub struct Config {
     /// (`ACCL_CHUNK_SIZE`).
     pub chunk_size: usize,
     /// Bytes per pipeline segment: schedules cut blocks into segments so that reduction of one
-    /// overlaps transfer of the next (`ACCL_SEGMENT_SIZE`).
-    pub segment_size: usize,
+    /// overlaps transfer of the next (`ACCL_SEGMENT_SIZE`). `None`: each algorithm's own
+    /// default ([`crate::algo::default_segment`]).
+    pub segment_size: Option<usize>,
     /// How long a wait polls before it sleeps (`ACCL_SPIN_US`).
     pub spin: Duration,
     /// First IPv6 flow label of the lanes; lane `i` uses `base + i`. 0 disables labels
@@ -143,7 +144,7 @@ impl Default for Config {
             transport: TransportKind::Auto,
             algo: AlgoChoice::default(),
             chunk_size: 1 << 20,
-            segment_size: 256 << 10,
+            segment_size: None,
             spin: Duration::from_micros(50),
             flow_label: 0,
             listen_addr: None,
@@ -224,7 +225,7 @@ impl Config {
             c.chunk_size = n;
         }
         if let Some(n) = env_parsed("ACCL_SEGMENT_SIZE", size, "expected a size >= 4K, e.g. 256K")? {
-            c.segment_size = n;
+            c.segment_size = Some(n);
         }
         if let Some(us) = env_parsed("ACCL_SPIN_US", |v| v.parse::<u64>().ok(), "expected microseconds")? {
             c.spin = Duration::from_micros(us);

@@ -12,7 +12,7 @@ pub fn test_config(transport: TransportKind) -> Config {
         transport,
         lanes: 3,
         chunk_size: 16 << 10,
-        segment_size: 8 << 10,
+        segment_size: Some(8 << 10),
         timeout: Duration::from_secs(20),
         spin: Duration::from_micros(20),
         reduce_threads: 1,

@@ -31,7 +31,7 @@ fn require_verbs() -> bool {
 
 fn verbs_config() -> Config {
     // Chunks of 1.5 slots, so that messages are cut into whole and partial fragments.
-    Config { lanes: 2, chunk_size: 384 << 10, segment_size: 128 << 10, ..test_config(TransportKind::Verbs) }
+    Config { lanes: 2, chunk_size: 384 << 10, segment_size: Some(128 << 10), ..test_config(TransportKind::Verbs) }
 }
 
 /// The suite's sizes, scaled to soft-RoCE under emulation (a few MB/s, 2 emulated CPUs): around

@@ -6,46 +6,52 @@
 use super::schedule::{block, segments, Builder, Region, Schedule, Step};
 use super::Plan;
 
-/// Scratch slots a ring rotates through: the pipeline depth.
+/// Scratch slots the ring reduce-scatter rotates through: the pipeline depth.
 const SLOTS: usize = 4;
 
+/// Receive slots used round-robin. A slot is taken again `count` takes after it was last
+/// taken; the builder then makes the new receive wait until the slot's previous readers are
+/// done.
 struct Slots {
     regions: Vec<Region>,
     next: usize,
 }
 
 impl Slots {
-    fn new(b: &mut Builder, len: usize) -> Slots {
-        Slots { regions: (0..SLOTS).map(|_| b.scratch(len)).collect(), next: 0 }
+    fn new(b: &mut Builder, count: usize, len: usize) -> Slots {
+        Slots { regions: (0..count).map(|_| b.scratch(len)).collect(), next: 0 }
     }
 
     fn take(&mut self, len: usize) -> Region {
-        let mut r = self.regions[self.next % SLOTS];
+        let mut r = self.regions[self.next % self.regions.len()];
         self.next += 1;
         r.len = len;
         r
     }
 }
 
-/// Segments a two-rank ring lets each step run ahead of the step after it (see [`all_reduce`]).
-const TWO_RANK_LAG: usize = 1;
-
 /// Ring allreduce: reduce-scatter then allgather around the ring, 2(n-1) steps.
 ///
 /// Step k sends what step k-1 received (reduced, during the reduce-scatter), one segment at a
-/// time. The steps are emitted as a wavefront: segment g of step k comes `lag` segments after
-/// segment g of step k-1, and sends to a peer go out in that order. With 3 or more ranks `lag`
-/// is a whole block, so each step posts all its sends before the next step starts: the deep
-/// post-ahead keeps a rank busy while a neighbour that shares its core is descheduled. With 2
-/// ranks, a lag of one segment sends each reduced segment back while it is still in cache, and
-/// the allgather's receive into the output follows the reduce-scatter's send of the same bytes
-/// closely. On the 2-core development machine that took the 2-rank out-of-place busbw at 32 MiB
-/// from 88 % to 98 % of sendrecv's (docs/performance.md).
+/// time. The steps are emitted as a wavefront: segment g of step k comes right after segment
+/// g+1 of step k-1, so each segment is passed on while it is still in cache, and sends to a
+/// peer go out in that order.
 ///
-/// With 3 or more ranks, a reduce-scatter sum is sent on (or, the last one, gathered) a whole
-/// block after it is computed. For large messages the block has long left the caches by then,
-/// so the sums are written with streaming stores, which skip reading the output's cache lines
-/// before overwriting them (out of place; in place the sum overwrites the line it just read).
+/// A reduce-scatter segment arrives in a scratch slot, and its partial sum is accumulated in
+/// that slot (`slot = slot + input`) and sent on from there; only the last reduce-scatter step
+/// writes its sum to the output, from where the allgather sends it on a segment later. A
+/// rank's memory traffic is then one pass over its input and one over its output, as for a
+/// copy: writing every partial sum to the output and reading it back a block later cost a
+/// third more passes, and out of place each written line is first read. On the 2-core
+/// development machine that took the 4-rank out-of-place busbw at 32 MiB from 77 % to
+/// 93-100 % of sendrecv's (docs/performance.md).
+///
+/// Slots are taken round-robin, one per reduce-scatter segment received. A staged sum is read
+/// by the next step's send of the same segment, and at most n-1 other slots are taken in
+/// between (the steps after it in this wavefront position and the steps before it in the
+/// next); n+2 slots therefore keep every staged sum until it is sent, and a receive never
+/// waits for the send just before it in program order, which on a transport whose sends
+/// complete only once received (the in-process one, RDMA) would stall every rank at once.
 pub fn all_reduce(p: &Plan) -> Schedule {
     let (n, r, e) = (p.nranks, p.rank, p.elem);
     let mut b = p.builder(0);
@@ -58,7 +64,7 @@ pub fn all_reduce(p: &Plan) -> Schedule {
     }
     let (right, left) = ((r + 1) % n, (r + n - 1) % n);
     let seg = p.seg_elems(block(p.count, n, 0).1);
-    let mut slots = Slots::new(&mut b, seg * e);
+    let mut slots = Slots::new(&mut b, n + 2, seg * e);
     let segs = |blk: usize| {
         let (start, len) = block(p.count, n, blk);
         segments(start, len, seg).collect::<Vec<_>>()
@@ -79,25 +85,33 @@ pub fn all_reduce(p: &Plan) -> Schedule {
         })
         .collect();
     let most = plan.iter().map(|(s, r)| s.len().max(r.len())).max().unwrap_or(0);
-    let lag = if n == 2 { TWO_RANK_LAG } else { most };
-    let streaming = n > 2 && p.streams(p.count * e);
-    for t in 0..most + lag * (steps - 1) {
-        // The steps with a segment g = t - k*lag in 0..most.
-        let (first, last) = ((t + 1).saturating_sub(most).div_ceil(lag), (t / lag).min(steps - 1));
-        for (k, (sends, recvs)) in plan.iter().enumerate().take(last + 1).skip(first) {
-            let g = t - k * lag;
+    // The partial sum of each segment, staged in its slot by the previous reduce-scatter step.
+    let mut staged: Vec<Option<Region>> = vec![None; most];
+    for t in 0..most + steps - 1 {
+        // The steps with a segment g = t - k in 0..most.
+        for (k, (sends, recvs)) in plan.iter().enumerate().take(t.min(steps - 1) + 1).skip((t + 1).saturating_sub(most))
+        {
+            let g = t - k;
             if let Some(&(start, len)) = sends.get(g) {
-                let src = if k == 0 { b.input(start * e, len * e) } else { out(&b, start, len) };
+                let src = match staged[g].take() {
+                    Some(slot) if k < n - 1 => slot,
+                    _ if k == 0 => b.input(start * e, len * e),
+                    _ => out(&b, start, len),
+                };
                 b.push(Step::Send { peer: right, src });
             }
             let Some(&(start, len)) = recvs.get(g) else { continue };
             let dst = out(&b, start, len);
             if k < n - 1 {
                 let slot = slots.take(len * e);
+                let input = b.input(start * e, len * e);
                 b.push(Step::Recv { peer: left, dst: slot });
-                b.push(Step::ReduceInto { dst, a: b.input(start * e, len * e), b: slot, streaming });
-                if k == n - 2 {
+                if k < n - 2 {
+                    b.push(Step::ReduceInto { dst: slot, a: slot, b: input, streaming: false });
+                    staged[g] = Some(slot);
+                } else {
                     // The last reduce-scatter step leaves this rank's block fully reduced.
+                    b.push(Step::ReduceInto { dst, a: input, b: slot, streaming: false });
                     p.finish_avg(&mut b, dst);
                 }
             } else {
@@ -126,7 +140,7 @@ pub fn reduce_scatter(p: &Plan) -> Schedule {
     }
     let (right, left) = ((r + 1) % n, (r + n - 1) % n);
     let seg = p.seg_elems(count);
-    let mut slots = Slots::new(&mut b, seg * e);
+    let mut slots = Slots::new(&mut b, SLOTS, seg * e);
     let streaming = p.streams(n * count * e);
     // Partial sums live from their step to the next one's sends: one buffer per step parity.
     let accs = [b.scratch(count * e), b.scratch(count * e)];

@@ -6,8 +6,23 @@ use std::collections::VecDeque;
 
 use super::*;
 
-/// Runs all ranks' schedules to completion; u64 elements, wrapping sum.
+/// Runs all ranks' schedules to completion; u64 elements, wrapping sum. Runs them twice: with
+/// sends that complete as soon as they are posted (sockets with room in their buffers), and
+/// with sends that complete only once the receiver has taken the data (the in-process
+/// transport; RDMA without free receive slots), where a receive that waits for this rank's own
+/// unfinished send can stall every rank.
 fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>> {
+    let eager = run(plans, inputs, out_len, false);
+    let rendezvous = run(plans, inputs, out_len, true);
+    assert_eq!(eager, rendezvous, "results differ between eager and rendezvous sends");
+    eager
+}
+
+/// A message on the simulated network: its data (eager) or where it lies (rendezvous), and
+/// the sending step.
+type InFlight = (Result<Vec<u8>, Region>, usize);
+
+fn run(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize, rendezvous: bool) -> Vec<Vec<u64>> {
     let n = plans.len();
     let scheds: Vec<Schedule> = plans.iter().map(Plan::schedule).collect();
     let mut output: Vec<Vec<u8>> = (0..n).map(|_| vec![0u8; out_len * 8]).collect();
@@ -23,20 +38,31 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
         }
     }
     let mut scratch: Vec<Vec<u8>> = scheds.iter().map(|s| vec![0u8; s.scratch_len]).collect();
-    let mut net: Vec<Vec<VecDeque<Vec<u8>>>> = vec![vec![VecDeque::new(); n]; n];
+    // Messages in flight: the data (eager) or where it lies (rendezvous: read when received,
+    // so a sender that overwrites it too early is caught), and the sending step.
+    let mut net: Vec<Vec<VecDeque<InFlight>>> = vec![vec![VecDeque::new(); n]; n];
     let mut deps: Vec<Vec<u32>> = scheds.iter().map(|s| s.dep_count.clone()).collect();
     let mut done: Vec<Vec<bool>> = scheds.iter().map(|s| vec![false; s.steps.len()]).collect();
+    // Sends handed to the network (done too, unless rendezvous).
+    let mut posted: Vec<Vec<bool>> = scheds.iter().map(|s| vec![false; s.steps.len()]).collect();
+    let complete = |done: &mut Vec<Vec<bool>>, deps: &mut Vec<Vec<u32>>, r: usize, i: usize| {
+        done[r][i] = true;
+        for &d in &scheds[r].dependents[i] {
+            deps[r][d as usize] -= 1;
+        }
+    };
     loop {
         let mut progressed = false;
         for r in 0..n {
             let s = &scheds[r];
             for i in 0..s.steps.len() {
-                if done[r][i] || deps[r][i] > 0 {
+                if done[r][i] || posted[r][i] || deps[r][i] > 0 {
                     continue;
                 }
-                // Network steps go in program order per peer and direction.
+                // Network steps are posted in program order per peer and direction.
                 let blocked = s.steps[..i].iter().enumerate().any(|(j, st)| {
                     !done[r][j]
+                        && !posted[r][j]
                         && match (st, &s.steps[i]) {
                             (Step::Send { peer: a, .. }, Step::Send { peer: b, .. }) => a == b,
                             (Step::Recv { peer: a, .. }, Step::Recv { peer: b, .. }) => a == b,
@@ -73,13 +99,32 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
                         .collect()
                 };
                 match s.steps[i] {
-                    Step::Send { peer, src } => net[r][peer].push_back(read(src, &output, &scratch)),
+                    Step::Send { peer, src } => {
+                        let data = if rendezvous { Err(src) } else { Ok(read(src, &output, &scratch)) };
+                        net[r][peer].push_back((data, i));
+                        if rendezvous {
+                            posted[r][i] = true;
+                            progressed = true;
+                            continue;
+                        }
+                    }
                     Step::Recv { peer, dst } => {
-                        let Some(msg) = net[peer][r].pop_front() else {
+                        let Some((data, send)) = net[peer][r].pop_front() else {
                             continue;
                         };
+                        let msg = data.unwrap_or_else(|src| {
+                            let buf = match src.buf {
+                                Buf::Input => &input[peer],
+                                Buf::Output => &output[peer],
+                                Buf::Scratch => &scratch[peer],
+                            };
+                            buf[src.off..src.off + src.len].to_vec()
+                        });
                         assert_eq!(msg.len(), dst.len, "rank {r} step {i}: message from {peer} has the wrong length");
                         write(dst, &msg, &mut output, &mut scratch);
+                        if rendezvous {
+                            complete(&mut done, &mut deps, peer, send);
+                        }
                     }
                     Step::Reduce { dst, src } => {
                         let v = sum(&read(dst, &output, &scratch), &read(src, &output, &scratch));
@@ -101,10 +146,7 @@ fn simulate(plans: &[Plan], inputs: &[Vec<u64>], out_len: usize) -> Vec<Vec<u64>
                         write(buf, &v, &mut output, &mut scratch);
                     }
                 }
-                done[r][i] = true;
-                for &d in &s.dependents[i] {
-                    deps[r][d as usize] -= 1;
-                }
+                complete(&mut done, &mut deps, r, i);
                 progressed = true;
             }
         }
@@ -231,18 +273,18 @@ fn gather_scatter_alltoall_barrier() {
     }
 }
 
-/// Streaming stores only for the ring's reduce-scatter sums of large messages, with 3 or more
-/// ranks for allreduce (with 2, each sum is sent back while still in cache).
+/// Streaming stores only for the ring reduce_scatter's sums of large messages; the ring
+/// allreduce sends its sums on while they are in cache.
 #[test]
 fn streaming_stores_only_for_large_ring_reductions() {
     let streams = |p: &Plan| p.schedule().steps.iter().any(|s| matches!(s, Step::ReduceInto { streaming: true, .. }));
     for (coll, n, count, stream_min, want) in [
-        (Collective::AllReduce, 4, 1000, 8000, true),
-        (Collective::AllReduce, 4, 999, 8000, false),
-        (Collective::AllReduce, 4, 1000, 0, false),
-        (Collective::AllReduce, 3, 1000, 8000, true),
-        (Collective::AllReduce, 2, 1000, 8000, false),
+        (Collective::AllReduce, 4, 1000, 8, false),
+        (Collective::AllReduce, 3, 1000, 8, false),
+        (Collective::AllReduce, 2, 1000, 8, false),
         (Collective::ReduceScatter, 4, 250, 8000, true),
+        (Collective::ReduceScatter, 4, 249, 8000, false),
+        (Collective::ReduceScatter, 4, 250, 0, false),
         (Collective::ReduceScatter, 2, 250, 8000, false),
         (Collective::ReduceScatter, 2, 500, 8000, true),
     ] {
@@ -254,4 +296,59 @@ fn streaming_stores_only_for_large_ring_reductions() {
     for algo in [Algorithm::HalvingDoubling, Algorithm::RecursiveDoubling] {
         assert!(!streams(&Plan { stream_min: 8, ..plan(Collective::AllReduce, algo, 0, 4, 1000, false) }));
     }
+}
+
+/// The ring allreduce stages its partial sums in scratch: out of place, it writes the output
+/// only with the final sums of its own block and with the blocks the allgather receives, and
+/// each reduce-scatter step after the first sends from scratch.
+#[test]
+fn ring_allreduce_writes_output_once() {
+    for n in [3, 4, 5, 8] {
+        for count in [8 * n, 1000] {
+            for rank in 0..n {
+                let s = plan(Collective::AllReduce, Algorithm::Ring, rank, n, count, false).schedule();
+                let mut written = vec![0u32; count];
+                for step in &s.steps {
+                    let dst = match *step {
+                        Step::Recv { dst, .. } | Step::ReduceInto { dst, .. } | Step::Copy { dst, .. } => dst,
+                        _ => continue,
+                    };
+                    if dst.buf == Buf::Output {
+                        for w in &mut written[dst.off / 8..(dst.off + dst.len) / 8] {
+                            *w += 1;
+                        }
+                    }
+                }
+                assert!(written.iter().all(|w| *w == 1), "n={n} count={count} rank {rank}: {written:?}");
+                let sends: Vec<Buf> = s
+                    .steps
+                    .iter()
+                    .filter_map(|st| if let Step::Send { src, .. } = st { Some(src.buf) } else { None })
+                    .collect();
+                let from_scratch = sends.iter().filter(|b| **b == Buf::Scratch).count();
+                let blk = |i: usize| schedule::segments(0, schedule::block(count, n, i).1, 8).count();
+                // Reduce-scatter steps 1..n-2 send the blocks r-1 .. r-n+2, all staged.
+                let staged: usize = (1..n - 1).map(|s| blk((rank + n - s) % n)).sum();
+                assert_eq!(from_scratch, staged, "n={n} count={count} rank {rank}");
+            }
+        }
+    }
+}
+
+/// The ring allreduce cuts blocks into 64 KiB segments by default, the other schedules into
+/// 256 KiB ones; a block is cut into at most `MAX_SEGMENTS` segments.
+#[test]
+fn segment_sizes() {
+    assert_eq!(default_segment(Collective::AllReduce, Algorithm::Ring), 64 << 10);
+    assert_eq!(default_segment(Collective::AllReduce, Algorithm::HalvingDoubling), 256 << 10);
+    assert_eq!(default_segment(Collective::AllGather, Algorithm::Ring), 256 << 10);
+    let p = |count: usize| Plan {
+        elem: 4,
+        segment: 64 << 10,
+        ..plan(Collective::AllReduce, Algorithm::Ring, 0, 4, count, false)
+    };
+    // 32 MiB of f32 over 4 ranks: blocks of 8 MiB, 128 segments of 64 KiB.
+    assert_eq!(p(8 << 20).seg_elems(2 << 20), 16 << 10);
+    // 1 GiB: blocks of 256 MiB, at most 256 segments of 1 MiB.
+    assert_eq!(p(256 << 20).seg_elems(64 << 20), 256 << 10);
 }
