@@ -223,6 +223,8 @@ pub struct Communicator {
     reducer: Reducer,
     /// `config.stream_min`, resolved for this machine and rank count.
     stream_min: usize,
+    /// `config.yield_cpu`, resolved for this host.
+    yield_cpu: bool,
     schedules: HashMap<Plan, Arc<Schedule>>,
     /// The schedule of the previous call: loops repeat one shape, so look there first.
     last_schedule: Option<(Plan, Arc<Schedule>)>,
@@ -356,14 +358,16 @@ impl Communicator {
             .collect();
         bootstrap.barrier()?;
         let stream_min = config.stream_min.unwrap_or_else(|| crate::config::default_stream_min(nranks));
+        let yield_cpu = config.yield_cpu.unwrap_or_else(crate::config::oversubscribed);
         if config.debug {
             eprintln!(
                 "accl: rank {rank}/{nranks} ready: transport={} ({}) lanes={lanes} flow_label={:#x} \
-                 tcp_congestion={} stream_min={stream_min} comm={comm_id:016x}",
+                 tcp_congestion={} stream_min={stream_min} yield={} comm={comm_id:016x}",
                 provider.name(),
                 choice.reason,
                 config.flow_label,
-                config.tcp_congestion
+                config.tcp_congestion,
+                u8::from(yield_cpu)
             );
         }
         Ok(Communicator {
@@ -383,6 +387,7 @@ impl Communicator {
             failed: None,
             reducer: Reducer::new(config.reduce_threads),
             stream_min,
+            yield_cpu,
             schedules: HashMap::new(),
             last_schedule: None,
             exec_state: ExecState::default(),
@@ -683,6 +688,7 @@ impl Communicator {
             peers: &mut self.peers,
             chunk_size: self.config.chunk_size,
             spin: self.config.spin,
+            yield_cpu: self.yield_cpu,
             timeout: self.config.timeout,
             abort: &self.abort,
             reducer: &self.reducer,

@@ -125,6 +125,9 @@ pub struct Config {
     /// their partial and final sums with streaming stores; 0 never does; `None` picks it at
     /// init with [`auto_stream_min`] (`ACCL_STREAM_MIN`, `auto` by default).
     pub stream_min: Option<usize>,
+    /// Whether a rank gives up its core after each large reduction (`ACCL_YIELD`); `None`
+    /// (`auto`): when this host's ranks outnumber its cores ([`oversubscribed`]).
+    pub yield_cpu: Option<bool>,
     /// Socket send/receive buffer size in bytes; 0 keeps the kernel's autotuning
     /// (`ACCL_SOCKET_BUF`).
     pub socket_buf: usize,
@@ -151,6 +154,7 @@ impl Default for Config {
             reduce_threads: 1,
             a2a_window: 4,
             stream_min: None,
+            yield_cpu: None,
             socket_buf: 0,
             tcp_congestion: TcpCongestion::Auto,
             debug: false,
@@ -262,6 +266,18 @@ impl Config {
         )? {
             c.stream_min = n;
         }
+        if let Some(y) = env_parsed(
+            "ACCL_YIELD",
+            |v| match v.trim().to_ascii_lowercase().as_str() {
+                "auto" => Some(None),
+                "1" => Some(Some(true)),
+                "0" => Some(Some(false)),
+                _ => None,
+            },
+            "expected auto, 1 or 0",
+        )? {
+            c.yield_cpu = y;
+        }
         if let Some(n) = env_parsed("ACCL_SOCKET_BUF", parse_size, "expected a size, e.g. 4M, or 0")? {
             c.socket_buf = n;
         }
@@ -288,6 +304,13 @@ fn parse_u32_auto(v: &str) -> Option<u32> {
 /// Ranks sharing this host, if known (`ACCL_LOCAL_NRANKS`, set by `accl-run`).
 fn local_nranks() -> Option<usize> {
     env_var("ACCL_LOCAL_NRANKS").and_then(|v| v.parse::<usize>().ok()).filter(|n| *n >= 1)
+}
+
+/// Whether the ranks on this host (`ACCL_LOCAL_NRANKS`; unknown counts as one) outnumber its
+/// cores.
+pub fn oversubscribed() -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    local_nranks().unwrap_or(1) > cores
 }
 
 /// Cores divided by the ranks sharing this host, so that reduction threads never

@@ -112,6 +112,9 @@ pub struct Context<'a> {
     pub peers: &'a mut [PeerLanes],
     pub chunk_size: usize,
     pub spin: Duration,
+    /// Give up the core after each reduction of [`YIELD_MIN_BYTES`] or more (see
+    /// [`Run::run_steps`]).
+    pub yield_cpu: bool,
     pub timeout: Duration,
     pub abort: &'a AbortState,
     pub reducer: &'a Reducer,
@@ -224,6 +227,26 @@ pub unsafe fn execute(
     result
 }
 
+/// The smallest reduction after which a rank on an oversubscribed host yields its core.
+///
+/// With more ranks than cores, a rank that has data keeps its core until it blocks or its
+/// time slice ends, while a rank sharing that core may be the next stage of the same pipeline
+/// (a ring neighbour). The other core then starves in bursts: on the 2-core development VM,
+/// with ring neighbours on the same core, a 4-rank 32 MiB allreduce left the cores 14 % idle
+/// and ran at 2/3 of its speed with neighbours on different cores. Yielding after each
+/// pipeline segment's reduction evens that out (docs/performance.md). Small reductions, where
+/// latency matters, never yield.
+pub const YIELD_MIN_BYTES: usize = 16 << 10;
+
+/// Bytes a local step writes.
+fn local_bytes(step: &Step) -> usize {
+    match *step {
+        Step::Reduce { dst, .. } | Step::ReduceInto { dst, .. } | Step::Copy { dst, .. } => dst.len,
+        Step::Divide { buf } => buf.len,
+        Step::Send { .. } | Step::Recv { .. } => 0,
+    }
+}
+
 impl Run<'_, '_, '_> {
     fn run(&mut self) -> Result<()> {
         self.run_steps().map_err(|e| match e {
@@ -249,6 +272,13 @@ impl Run<'_, '_, '_> {
                 self.run_local(step);
                 self.complete(step);
                 progressed = true;
+                if self.ctx.yield_cpu && local_bytes(&self.sched.steps[step as usize]) >= YIELD_MIN_BYTES {
+                    // Hand what the step made ready to the network, then let a rank that
+                    // shares this core (perhaps the one waiting for it) run.
+                    self.post_ready()?;
+                    self.progress_lanes()?;
+                    std::thread::yield_now();
+                }
             }
             if progressed {
                 idle_since = None;

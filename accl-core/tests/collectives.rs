@@ -13,6 +13,12 @@ fn simplex() -> Config {
     Config { flow_label: 0x3a000, ..test_config(TransportKind::Tcp) }
 }
 
+/// Ranks that yield their core after each reduction of 16 KiB or more (what `ACCL_YIELD=auto`
+/// does with more ranks than cores), with segments large enough to reach that size.
+fn yielding() -> Config {
+    Config { yield_cpu: Some(true), segment_size: Some(32 << 10), ..test_config(TransportKind::Tcp) }
+}
+
 fn suite(config: Config, nranks: usize) {
     let opts = SuiteOptions::around(config.chunk_size);
     let results = run_ranks(nranks, config, move |rank, mut comm| {
@@ -48,6 +54,7 @@ suite_tests! {
     tcp_8_ranks: test_config(TransportKind::Tcp), 8;
     tcp_simplex_3_ranks: simplex(), 3;
     tcp_simplex_4_ranks: simplex(), 4;
+    tcp_yielding_4_ranks: yielding(), 4;
 }
 
 #[test]

@@ -232,6 +232,27 @@ fn stream_min_setting() {
 }
 
 #[test]
+fn yield_setting() {
+    // A bad value is an error naming the variable. `auto` yields when the ranks outnumber the
+    // cores; 0 and 1 force it. Results are checked either way.
+    assert_setting_rejected("ACCL_YIELD", "sometimes");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (value, want) in [("auto", 3 > cores), ("0", false), ("1", true)] {
+        let out = run_with_env(
+            PERF,
+            &["allreduce", "--ranks", "3", "-b", "8", "-e", "4M", "-f", "32", "-w", "1", "-n", "2", "-c", "1"],
+            &[("ACCL_YIELD", value), ("ACCL_DEBUG", "1")],
+        );
+        assert!(out.status.success(), "ACCL_YIELD={value}\n{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!(" yield={} ", u8::from(want))), "ACCL_YIELD={value}\n{}", text(&out));
+        let rows = rows(&out);
+        assert_eq!(rows.len(), 4, "{}", text(&out));
+        assert!(rows.iter().all(|r| r[8] == "0" && r[12] == "0"), "{}", text(&out));
+    }
+}
+
+#[test]
 fn tcp_congestion_setting() {
     // A malformed name is an error naming the variable; a valid one shows in the header.
     assert_setting_rejected("ACCL_TCP_CONGESTION", "not a name");
