@@ -112,7 +112,8 @@ pub struct Context<'a> {
     pub peers: &'a mut [PeerLanes],
     pub chunk_size: usize,
     pub spin: Duration,
-    /// Give up the core after each reduction of [`YIELD_MIN_BYTES`] or more (see
+    /// Give up the core after each local step (reduction, copy) that writes
+    /// [`YIELD_MIN_BYTES`] or more (see
     /// [`Run::run_steps`]).
     pub yield_cpu: bool,
     pub timeout: Duration,
@@ -238,15 +239,6 @@ pub unsafe fn execute(
 /// latency matters, never yield.
 pub const YIELD_MIN_BYTES: usize = 16 << 10;
 
-/// Bytes a local step writes.
-fn local_bytes(step: &Step) -> usize {
-    match *step {
-        Step::Reduce { dst, .. } | Step::ReduceInto { dst, .. } | Step::Copy { dst, .. } => dst.len,
-        Step::Divide { buf } => buf.len,
-        Step::Send { .. } | Step::Recv { .. } => 0,
-    }
-}
-
 impl Run<'_, '_, '_> {
     fn run(&mut self) -> Result<()> {
         self.run_steps().map_err(|e| match e {
@@ -272,7 +264,9 @@ impl Run<'_, '_, '_> {
                 self.run_local(step);
                 self.complete(step);
                 progressed = true;
-                if self.ctx.yield_cpu && local_bytes(&self.sched.steps[step as usize]) >= YIELD_MIN_BYTES {
+                if self.ctx.yield_cpu
+                    && self.sched.steps[step as usize].writes().is_some_and(|w| w.len >= YIELD_MIN_BYTES)
+                {
                     // Hand what the step made ready to the network, then let a rank that
                     // shares this core (perhaps the one waiting for it) run.
                     self.post_ready()?;

@@ -93,10 +93,11 @@ pub fn all_reduce(p: &Plan) -> Schedule {
         {
             let g = t - k;
             if let Some(&(start, len)) = sends.get(g) {
+                // Reduce-scatter steps after the first send what the step before staged.
                 let src = match staged[g].take() {
-                    Some(slot) if k < n - 1 => slot,
-                    _ if k == 0 => b.input(start * e, len * e),
-                    _ => out(&b, start, len),
+                    Some(slot) => slot,
+                    None if k == 0 => b.input(start * e, len * e),
+                    None => out(&b, start, len),
                 };
                 b.push(Step::Send { peer: right, src });
             }

@@ -64,7 +64,8 @@ impl Step {
         r.into_iter().flatten().filter(|r| r.len > 0)
     }
 
-    fn writes(&self) -> Option<Region> {
+    /// The region the step writes, if any (empty regions count as none).
+    pub fn writes(&self) -> Option<Region> {
         match *self {
             Step::Send { .. } => None,
             Step::Recv { dst, .. } => Some(dst),
