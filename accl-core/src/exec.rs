@@ -113,8 +113,7 @@ pub struct Context<'a> {
     pub chunk_size: usize,
     pub spin: Duration,
     /// Give up the core after each local step (reduction, copy) that writes
-    /// [`YIELD_MIN_BYTES`] or more (see
-    /// [`Run::run_steps`]).
+    /// [`YIELD_MIN_BYTES`] or more (see [`Run::run_steps`]).
     pub yield_cpu: bool,
     pub timeout: Duration,
     pub abort: &'a AbortState,
