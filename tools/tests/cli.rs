@@ -209,25 +209,32 @@ fn bad_arguments_are_rejected() {
     }
 }
 
+/// A checked 3-rank allreduce (8 B to `max`, four sizes) with `var=value` and `ACCL_DEBUG=1`:
+/// asserts that it succeeds with no wrong element in either mode, and returns its stderr (the
+/// init lines).
+fn checked_allreduce_with(var: &str, value: &str, max: &str) -> String {
+    let out = run_with_env(
+        PERF,
+        &["allreduce", "--ranks", "3", "-b", "8", "-e", max, "-f", "32", "-w", "1", "-n", "2", "-c", "1"],
+        &[(var, value), ("ACCL_DEBUG", "1")],
+    );
+    assert!(out.status.success(), "{var}={value}\n{}", text(&out));
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 4, "{}", text(&out));
+    assert!(rows.iter().all(|r| r[8] == "0" && r[12] == "0"), "{}", text(&out));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn stream_min_setting() {
     // A bad value is an error naming the variable; auto and sizes are accepted and reported.
     assert_setting_rejected("ACCL_STREAM_MIN", "lots");
     for (value, want) in [("auto", None), ("64K", Some("stream_min=65536 ")), ("0", Some("stream_min=0 "))] {
-        let out = run_with_env(
-            PERF,
-            &["allreduce", "--ranks", "3", "-b", "8", "-e", "256K", "-f", "32", "-w", "1", "-n", "2", "-c", "1"],
-            &[("ACCL_STREAM_MIN", value), ("ACCL_DEBUG", "1")],
-        );
-        assert!(out.status.success(), "ACCL_STREAM_MIN={value}\n{}", text(&out));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("stream_min="), "{}", text(&out));
+        let stderr = checked_allreduce_with("ACCL_STREAM_MIN", value, "256K");
+        assert!(stderr.contains("stream_min="), "{stderr}");
         if let Some(want) = want {
-            assert!(stderr.contains(want), "ACCL_STREAM_MIN={value}\n{}", text(&out));
+            assert!(stderr.contains(want), "ACCL_STREAM_MIN={value}\n{stderr}");
         }
-        let rows = rows(&out);
-        assert_eq!(rows.len(), 4, "{}", text(&out));
-        assert!(rows.iter().all(|r| r[8] == "0" && r[12] == "0"), "{}", text(&out));
     }
 }
 
@@ -238,17 +245,8 @@ fn yield_setting() {
     assert_setting_rejected("ACCL_YIELD", "sometimes");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for (value, want) in [("auto", 3 > cores), ("0", false), ("1", true)] {
-        let out = run_with_env(
-            PERF,
-            &["allreduce", "--ranks", "3", "-b", "8", "-e", "4M", "-f", "32", "-w", "1", "-n", "2", "-c", "1"],
-            &[("ACCL_YIELD", value), ("ACCL_DEBUG", "1")],
-        );
-        assert!(out.status.success(), "ACCL_YIELD={value}\n{}", text(&out));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(&format!(" yield={} ", u8::from(want))), "ACCL_YIELD={value}\n{}", text(&out));
-        let rows = rows(&out);
-        assert_eq!(rows.len(), 4, "{}", text(&out));
-        assert!(rows.iter().all(|r| r[8] == "0" && r[12] == "0"), "{}", text(&out));
+        let stderr = checked_allreduce_with("ACCL_YIELD", value, "4M");
+        assert!(stderr.contains(&format!(" yield={} ", u8::from(want))), "ACCL_YIELD={value}\n{stderr}");
     }
 }
 
